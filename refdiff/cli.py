@@ -1,0 +1,72 @@
+"""The ``refdiff`` command (DESIGN.md §7).
+
+    refdiff report [--out DIR] [--json PATH]   every check that applies here -> report.md, report.json, plots
+    refdiff env [--json PATH]                  versions, device, interpreter / TF32 state, RNG algorithm
+
+Exit codes: 0 pass, 1 verification failed, 2 usage or import error, 3 not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_RUN = 0, 1, 2, 3
+
+
+def _cmd_env(args) -> int:
+    from ._env import env_info
+
+    info = env_info()
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2))
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        print(f"{key:18s} {value}")
+    return EXIT_PASS
+
+
+def _cmd_report(args) -> int:
+    from .report import run_report, write_report
+
+    report = run_report(seed=args.seed, progress=None if not args.quiet else False)
+    paths = write_report(report, args.out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+    failed = [c["name"] for c in report["cases"] if c["verdict"] == "fail"]
+    print(f"refdiff report: {report['verdict']} ({len(report['cases']) - len(failed)}/{len(report['cases'])} "
+          f"cases pass); wrote {', '.join(str(p) for p in paths)}")
+    for name in failed:
+        print(f"  FAIL {name}")
+    return EXIT_FAIL if failed else EXIT_PASS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refdiff", description="Numerical ground truth for diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("report", help="run every applicable check; write report.md, report.json and plots")
+    p.add_argument("--out", default="report", help="output folder (default: ./report)")
+    p.add_argument("--json", help="also write the JSON report to this path")
+    p.add_argument("--seed", type=int, default=0, help="seed of the numpy Generator used by Monte-Carlo checks")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("env", help="versions, device, interpreter and TF32 state, RNG algorithm")
+    p.add_argument("--json", help="also write the environment as JSON to this path")
+    p.set_defaults(func=_cmd_env)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:       # argparse exits 2 on usage errors and 0 on --help
+        return int(exc.code or 0)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

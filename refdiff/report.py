@@ -1,0 +1,211 @@
+"""``refdiff report``: every check that applies on this machine, written as report.md + report.json (+ plots).
+
+Today: schedules against 50-digit mpmath, log-SNR round trips, oracle identities (Tweedie, importance-sampled
+posterior means, exact PF-ODE vs solve_ivp), Philox known answers and Triton's own generator.
+Each case records its measured numbers, the rule it is judged by, and a verdict: pass / fail / not run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import schedules as S
+from . import selfcheck as C
+from ._env import env_info
+from .oracles import FiniteAtoms, GaussianData, GaussianMixture
+
+__all__ = ["SCHEMA", "run_report", "write_report", "continuous_families", "discrete_tables"]
+
+SCHEMA = "refdiff.report/1"
+TWEEDIE_RTOL = 1e-12          # Tweedie's identity holds exactly; the residual is a few roundings of O(1) terms
+MC_Z_MAX = 4.0                # importance-sampled posterior mean: |z| <= 4 standard errors
+PF_ODE_RTOL = 1e-9            # exact Gaussian PF-ODE map vs solve_ivp(DOP853, rtol=1e-12)
+ROUNDTRIP_UNITS = 4.0         # round trip within 4 attainable units (ulp(t) + eps |lambda / lambda'|)
+NORMAL_MAX_ULP = 2            # tl.randn may differ by a few ulp on a GPU (libdevice log / cos)
+
+
+def continuous_families() -> dict:
+    return {
+        "VPLinear": S.VPLinear(),
+        "Cosine": S.Cosine(),
+        "Sigmoid": S.Sigmoid(),
+        "Sigmoid(tau=0.7)": S.Sigmoid(-3.0, 3.0, 0.7),
+        "Cosine shifted 64->256": S.shift_log_snr(S.Cosine(), S.resolution_shift(64, 256)),
+        "VE": S.VE(),
+        "EDM": S.EDM(),
+        "RectifiedFlow(shift=3)": S.RectifiedFlow(3.0),
+    }
+
+
+def discrete_tables(T: int = 1000) -> dict:
+    return {
+        "linear": S.linear_betas(T),
+        "scaled_linear": S.scaled_linear_betas(T),
+        "cosine": S.cosine_betas(T),
+        "scaled_linear + zero terminal SNR": S.rescale_zero_terminal_snr(S.scaled_linear_betas(T)),
+    }
+
+
+def _case(group, name, metric, rule, ok):
+    return {"group": group, "name": name, "metric": metric, "rule": rule,
+            "verdict": "pass" if ok else "fail"}
+
+
+def _schedule_cases():
+    for name, sch in continuous_families().items():
+        err = C.schedule_ulp_errors(sch)
+        yield _case("schedules", f"{name} vs mpmath", err, f"max ulp <= {C.MAX_SCHEDULE_ULP}",
+                    max(err.values()) <= C.MAX_SCHEDULE_ULP)
+        t = C.EDM_T_GRID[1:-1] if isinstance(sch, S.EDM) else C.T_GRID[1:-1]
+        rt = float(C.roundtrip_errors(sch, t).max())
+        yield _case("schedules", f"{name} t_of_log_snr round trip", {"max_units": rt},
+                    f"<= {ROUNDTRIP_UNITS} x (ulp(t) + eps |lambda/lambda'|)", rt <= ROUNDTRIP_UNITS)
+    for name, betas in discrete_tables().items():
+        err = C.discrete_ulp_errors(betas)
+        yield _case("schedules", f"discrete {name} (T=1000) vs mpmath", err, f"max ulp <= {C.MAX_SCHEDULE_ULP}",
+                    max(err.values()) <= C.MAX_SCHEDULE_ULP)
+
+
+def _oracles(rng):
+    D = 3
+    A = rng.standard_normal((D, D))
+    gauss = GaussianData(rng.standard_normal(D), A @ A.T + 0.5 * np.eye(D))
+    covs = np.stack([np.diag(rng.uniform(0.2, 1.0, D)) for _ in range(3)])
+    gmm = GaussianMixture([0.5, 0.3, 0.2], 2.0 * rng.standard_normal((3, D)), covs)
+    atoms = FiniteAtoms(rng.standard_normal((5, D)))
+    return {"GaussianData": gauss, "GaussianMixture": gmm, "FiniteAtoms": atoms}
+
+
+def _oracle_cases(rng):
+    oracles = _oracles(rng)
+    for name, o in oracles.items():
+        x = rng.standard_normal((16, o.D))
+        alpha, sigma = rng.uniform(0.1, 1.0, 16), rng.uniform(0.1, 1.0, 16)
+        r = C.tweedie_residual(o, x, alpha, sigma)
+        yield _case("oracles", f"{name} Tweedie identity", {"relative_residual": r}, f"<= {TWEEDIE_RTOL}",
+                    r <= TWEEDIE_RTOL)
+        z = C.denoiser_mc_zscore(o, rng.standard_normal((4, o.D)), 0.8, 0.6, rng, n=100_000)
+        yield _case("oracles", f"{name} denoiser vs importance-sampled posterior mean", {"max_abs_z": z},
+                    f"|z| <= {MC_Z_MAX}", z <= MC_Z_MAX)
+    g = oracles["GaussianData"]
+    for sname, sch, t0, t1 in (("VPLinear", S.VPLinear(), 1.0, 1e-3), ("Cosine", S.Cosine(), 0.99, 0.01),
+                               ("VE", S.VE(), 1.0, 0.0), ("RectifiedFlow", S.RectifiedFlow(), 0.99, 0.01)):
+        e = C.pf_ode_error(g, sch, t0, t1, rng.standard_normal((4, g.D)))
+        yield _case("oracles", f"GaussianData exact PF-ODE ({sname}) vs solve_ivp DOP853",
+                    {"relative_error": e}, f"<= {PF_ODE_RTOL}", e <= PF_ODE_RTOL)
+
+
+def _rng_cases():
+    bad = C.philox_kat_mismatches()
+    yield _case("rng", "Philox4x32-10 known-answer vectors (Random123)", {"mismatches": bad}, "0 mismatches",
+                bad == 0)
+    try:
+        from kernels._launch import select_backend
+
+        backend = select_backend()
+        import kernels.rng_probe  # noqa: F401
+    except Exception as exc:     # torch / triton absent, or no device the kernels can use
+        yield {"group": "rng", "name": "refdiff.rng vs Triton tl.rand / tl.randn", "metric": {},
+               "rule": "uniforms bit-exact", "verdict": "not run", "detail": f"{type(exc).__name__}: {exc}"}
+        return
+    device = "cuda" if backend == "cuda" else "cpu"
+    offsets = np.array([0, 1, 2, 3, 1000, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 32 + 5, 2 ** 40 + 3,
+                        2 ** 62 + 7], dtype=np.int64)
+    try:
+        res = C.rng_vs_triton([0, 1, 12345, 2 ** 32 + 7], offsets, device)
+    except RuntimeError as exc:
+        yield {"group": "rng", "name": "refdiff.rng vs Triton tl.rand / tl.randn", "metric": {},
+               "rule": "uniforms bit-exact", "verdict": "not run", "detail": str(exc)}
+        return
+    ok = res["uniform_mismatches"] == 0 and res["word_mismatches"] == 0 and res["normal_max_ulp"] <= NORMAL_MAX_ULP
+    yield _case("rng", f"refdiff.rng vs Triton tl.rand / tl.randn ({backend})", res,
+                f"uniforms and words bit-exact, normals <= {NORMAL_MAX_ULP} ulp", ok)
+
+
+def run_report(seed: int = 0, progress: bool | None = None) -> dict:
+    """Run every applicable check; returns the report dict (see ``SCHEMA``)."""
+    rng = np.random.default_rng(seed)
+    groups = [("schedules", _schedule_cases), ("oracles", lambda: _oracle_cases(rng)), ("rng", _rng_cases)]
+    cases, seconds = [], {}
+    bar = _progress(len(groups), progress)
+    for name, fn in groups:
+        t0 = time.perf_counter()
+        cases.extend(fn())
+        seconds[name] = round(time.perf_counter() - t0, 3)
+        if bar is not None:
+            bar.set_postfix_str(name)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    verdict = "fail" if any(c["verdict"] == "fail" for c in cases) else "pass"
+    return {"schema": SCHEMA, "refdiff_version": env_info()["refdiff"], "env": env_info(), "seed": seed,
+            "verdict": verdict, "seconds": seconds, "cases": cases}
+
+
+def _progress(total, enabled):
+    if enabled is False:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="refdiff report", disable=None if enabled is None else not enabled)
+
+
+def _fmt(metric: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in metric.items())
+
+
+def write_report(report: dict, out_dir) -> list[Path]:
+    """Write report.json, report.md and (with matplotlib) schedules.png into out_dir; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "report.json", out / "report.md"]
+    paths[0].write_text(json.dumps(report, indent=2, default=float))
+    n_pass = sum(c["verdict"] == "pass" for c in report["cases"])
+    lines = [f"# refdiff report — {report['verdict'].upper()}", "",
+             f"refdiff {report['refdiff_version']}, Python {report['env']['python']}, numpy "
+             f"{report['env']['numpy']}, scipy {report['env']['scipy']}, device {report['env']['device']}, "
+             f"Triton interpreter {'on' if report['env']['triton_interpret'] else 'off'}.", "",
+             f"{n_pass} of {len(report['cases'])} cases pass.", ""]
+    for group in dict.fromkeys(c["group"] for c in report["cases"]):
+        lines += [f"## {group}", "", "| case | measured | rule | verdict |", "|---|---|---|---|"]
+        for c in report["cases"]:
+            if c["group"] == group:
+                detail = f" ({c['detail']})" if c.get("detail") else ""
+                lines.append(f"| {c['name']} | {_fmt(c['metric'])}{detail} | {c['rule']} | {c['verdict']} |")
+        lines.append("")
+    png = _plot_schedules(out / "schedules.png")
+    if png is not None:
+        lines += ["## plots", "", "![log-SNR of the continuous families](schedules.png)", ""]
+        paths.append(png)
+    paths[1].write_text("\n".join(lines))
+    return paths
+
+
+def _plot_schedules(path: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    t = np.linspace(1e-3, 1 - 1e-3, 400)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, sch in continuous_families().items():
+        if not isinstance(sch, S.EDM):
+            ax.plot(t, sch.log_snr(t), label=name)
+    ax.set_xlabel("t")
+    ax.set_ylabel("log SNR  log(alpha^2 / sigma^2)")
+    ax.set_title("continuous schedule families")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
