@@ -1,0 +1,67 @@
+"""refdiff.conventions: every converter round-trips to 1e-15 relative."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refdiff import conventions as V
+from tolerances import CONVENTION_RTOL
+
+
+@pytest.mark.parametrize("T", [1, 10, 1000, 4096])
+def test_index_time_round_trip(T):
+    i = np.arange(T)
+    np.testing.assert_array_equal(V.t_to_index(V.index_to_t(i, T), T), i)
+    assert V.index_to_t(T - 1, T) == 1.0 and V.index_to_t(0, T) == 1.0 / T
+
+
+@given(lam=st.floats(-50, 50, allow_subnormal=False))
+def test_log_snr_conventions_round_trip(lam):
+    assert V.dpm_lambda_to_log_snr(V.log_snr_to_dpm_lambda(lam)) == lam         # halving is exact
+    assert V.vdm_gamma_to_log_snr(V.log_snr_to_vdm_gamma(lam)) == lam
+
+
+@given(s=st.floats(1e-8, 1e200))
+def test_ve_vp_round_trip(s):
+    a, sig = V.ve_to_vp(s)
+    assert abs(V.vp_to_ve(a, sig) - s) <= CONVENTION_RTOL * s
+    assert abs(a * a + sig * sig - 1.0) <= 4e-16
+
+
+@given(t=st.floats(1e-6, 1 - 1e-6))
+def test_flow_vp_round_trip(t):
+    a, s = V.flow_to_vp(t)
+    assert abs(V.vp_to_flow(a, s) - t) <= CONVENTION_RTOL * t
+
+
+@pytest.mark.parametrize("src", sorted(V.CFG_CONVENTIONS))
+@pytest.mark.parametrize("dst", sorted(V.CFG_CONVENTIONS))
+@given(w=st.floats(-10, 30))
+def test_cfg_scale_round_trip_and_same_output(src, dst, w):
+    back = V.cfg_scale(V.cfg_scale(w, src, dst), dst, src)
+    assert abs(back - w) <= CONVENTION_RTOL * max(1.0, abs(w))
+    rng = np.random.default_rng(0)
+    mu, mc = rng.standard_normal(8), rng.standard_normal(8)
+    a = V.cfg_combine(mu, mc, w, src)
+    b = V.cfg_combine(mu, mc, V.cfg_scale(w, src, dst), dst)
+    np.testing.assert_allclose(a, b, rtol=0, atol=64 * 2.2e-16 * (1 + abs(w)) * 4)
+
+
+def test_cfg_known_values():
+    assert V.cfg_scale(7.5, "diffusers", "ho_salimans") == 6.5
+    assert V.cfg_scale(6.5, "ho_salimans", "diffusers_original") == 6.5
+    np.testing.assert_array_equal(V.cfg_combine(np.zeros(2), np.ones(2), 1.0, "diffusers"), [1.0, 1.0])
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="grid"):
+        V.t_to_index(0.1234, 10)
+    with pytest.raises(ValueError):
+        V.index_to_t(10, 10)
+    with pytest.raises(ValueError, match="convention"):
+        V.cfg_scale(1.0, "ho", "diffusers")
+    with pytest.raises(ValueError, match="alpha > 0"):
+        V.vp_to_ve(0.0, 1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        V.cfg_combine(np.zeros(2), np.zeros(3), 1.0)
