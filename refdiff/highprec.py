@@ -26,12 +26,13 @@ def _mp():
 
 def _map(f, t):
     """Evaluate ``f`` per element with DPS digits beyond the magnitude of t, so that textbook forms like
-    1 - exp(-B(t)) keep 50 significant digits even at t = 1e-300."""
+    1 - exp(-B(t)) or 1 - cos^2(pi t / 2) keep 50 significant digits even at t = 1e-300."""
     mp = _mp()
     t = np.asarray(t, dtype=np.float64)
     out = []
     for x in t.ravel():
-        extra = int(-np.log10(abs(x))) + 10 if 0.0 < abs(x) < 1.0 else 0
+        # 1 - alpha_bar(t) can be as small as t^2 (cosine with s = 0): twice the decades of t, plus a margin
+        extra = 2 * int(-np.log10(abs(x))) + 10 if 0.0 < abs(x) < 1.0 else 0
         with mp.workdps(DPS + extra):
             out.append(float(f(float(x))))
     return np.array(out).reshape(t.shape)
@@ -78,6 +79,9 @@ def _mp_ab(schedule):
         st, en, tau = mpf(schedule.start), mpf(schedule.end), mpf(schedule.tau)
         sig = lambda x: 1 / (1 + mp.exp(-x))  # noqa: E731
         return lambda t: (sig(en / tau) - sig((t * (en - st) + st) / tau)) / (sig(en / tau) - sig(st / tau))
+    if isinstance(schedule, S.LinearLogSNR):
+        l0, l1 = mpf(schedule.lam_max), mpf(schedule.lam_min)
+        return lambda t: 1 / (1 + mp.exp(-(l0 + (l1 - l0) * t)))
     if isinstance(schedule, S.ShiftedVP):
         inner, q = _mp_ab(schedule.base), mp.exp(-mpf(schedule.shift))
         return lambda t: inner(t) / (inner(t) + (1 - inner(t)) * q)      # sigmoid(lambda + shift)

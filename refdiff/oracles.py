@@ -141,6 +141,29 @@ class _Mixture:
         r = self._posterior(lj)
         return -np.einsum("bk,bkd->bd", r, self._from_eig(z / v))
 
+    def score_divergence(self, x, alpha, sigma):
+        """tr grad^2 log p_t(x) (B,): sum_k r_k (-tr S_k^{-1} + |s_k|^2) - |s|^2 with component scores s_k,
+        s = sum_k r_k s_k (the Hessian of a log-mixture). The exact divergence the PF-ODE likelihood needs."""
+        _, _, z, v, lj = self._stats(x, alpha, sigma)
+        r = self._posterior(lj)
+        comp = -np.sum(1.0 / v, axis=2) + np.sum(z * z / (v * v), axis=2)          # (B, K), in eigen coords
+        s = np.einsum("bk,bkd->bd", r, self._from_eig(-z / v))
+        return np.einsum("bk,bk->b", r, comp) - np.sum(s * s, axis=1)
+
+    def score_hvp(self, x, alpha, sigma, vec):
+        """grad^2 log p_t(x) @ vec (B, D): sum_k r_k (-S_k^{-1} vec + s_k (s_k . vec)) - s (s . vec)."""
+        vec = as_f64(vec, "vec")
+        _, _, z, v, lj = self._stats(x, alpha, sigma)
+        if vec.shape != (z.shape[0], self.D):
+            raise ValueError(f"vec must have shape {(z.shape[0], self.D)}, got {vec.shape}")
+        r = self._posterior(lj)
+        sk = self._from_eig(-z / v)                                               # (B, K, D)
+        vk = self._to_eig(np.broadcast_to(vec[:, None, :], z.shape))
+        inv_v = self._from_eig(vk / v)                                            # S_k^{-1} vec
+        comp = -inv_v + sk * np.einsum("bkd,bd->bk", sk, vec)[:, :, None]
+        s = np.einsum("bk,bkd->bd", r, sk)
+        return np.einsum("bk,bkd->bd", r, comp) - s * np.sum(s * vec, axis=1, keepdims=True)
+
     def v(self, x, alpha, sigma):
         """The optimal v prediction alpha E[eps|x] - sigma E[x_0|x]."""
         x, a, s = self._xas(x, alpha, sigma)

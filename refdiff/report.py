@@ -1,7 +1,9 @@
 """``refdiff report``: every check that applies on this machine, written as report.md + report.json (+ plots).
 
 Today: schedules against 50-digit mpmath, log-SNR round trips, oracle identities (Tweedie, importance-sampled
-posterior means, exact PF-ODE vs solve_ivp), Philox known answers and Triton's own generator.
+posterior means, exact PF-ODE vs solve_ivp), objectives (Kingma & Gao's weighting table, the VDM bound's 1/T
+approach to the continuous ELBO), PF-ODE likelihoods (exact divergence and Hutchinson), Philox known answers and
+Triton's own generator.
 Each case records its measured numbers, the rule it is judged by, and a verdict: pass / fail / not run.
 """
 
@@ -26,6 +28,8 @@ MC_Z_MAX = 4.0                # importance-sampled posterior mean: |z| <= 4 stan
 PF_ODE_RTOL = 1e-9            # exact Gaussian PF-ODE map vs solve_ivp(DOP853, rtol=1e-12)
 ROUNDTRIP_UNITS = 4.0         # round trip within 4 attainable units (ulp(t) + eps |lambda / lambda'|)
 NORMAL_MAX_ULP = 2            # tl.randn may differ by a few ulp on a GPU (libdevice log / cos)
+KG_RTOL = 1e-12               # implied weighting / table entry constant to rounding
+LIKELIHOOD_NATS = 1e-8        # exact-divergence PF-ODE likelihood vs the exact log density
 
 
 def continuous_families() -> dict:
@@ -34,7 +38,9 @@ def continuous_families() -> dict:
         "Cosine": S.Cosine(),
         "Sigmoid": S.Sigmoid(),
         "Sigmoid(tau=0.7)": S.Sigmoid(-3.0, 3.0, 0.7),
+        "Cosine(s=0)": S.Cosine(0.0),
         "Cosine shifted 64->256": S.shift_log_snr(S.Cosine(), S.resolution_shift(64, 256)),
+        "LinearLogSNR (VDM)": S.LinearLogSNR(),
         "VE": S.VE(),
         "EDM": S.EDM(),
         "RectifiedFlow(shift=3)": S.RectifiedFlow(3.0),
@@ -99,6 +105,40 @@ def _oracle_cases(rng):
                     {"relative_error": e}, f"<= {PF_ODE_RTOL}", e <= PF_ODE_RTOL)
 
 
+def _objective_cases(rng):
+    lam = np.linspace(-12.0, 12.0, 49)
+    for name, row in C.kingma_gao_table(lam).items():
+        spread = C.kingma_gao_ratio_spread(*row, lam)
+        yield _case("objectives", f"Kingma & Gao weighting: {name}", {"ratio_spread": spread},
+                    f"w / table constant to {KG_RTOL}", spread <= KG_RTOL)
+    data = _oracles(rng)["GaussianData"]
+    x0 = data.sample(2, rng)
+    bounds, cont, slopes = C.vdm_gap_slopes(S.LinearLogSNR(), data, x0)
+    ok = bool(np.all(np.diff(bounds, axis=0) < 0) and np.all(bounds > cont) and np.all(np.abs(slopes + 1) <= 0.1))
+    yield _case("objectives", "VDM bound (T = 10..10000) decreases to the continuous ELBO, gap ~ 1/T",
+                {"bound_T10": float(bounds[0, 0]), "elbo": float(cont[0]), "max_slope_dev": float(np.max(np.abs(
+                    slopes + 1)))}, "monotone, above the limit, |slope + 1| <= 0.1", ok)
+
+
+def _likelihood_cases(rng):
+    from .likelihood import hutchinson_probes
+    from .sde import VESDE, VPSDE
+
+    oracles = _oracles(rng)
+    for dname in ("GaussianData", "GaussianMixture"):
+        data = oracles[dname]
+        for sname, sde in (("VP", VPSDE()), ("VE", VESDE())):
+            x0 = data.sample(3, rng)
+            err, _ = C.pf_likelihood_error(data, sde, x0)
+            yield _case("likelihood", f"PF-ODE log-likelihood, exact divergence ({dname}, {sname})",
+                        {"max_abs_error_nats": err}, f"<= {LIKELIHOOD_NATS} nats", err <= LIKELIHOOD_NATS)
+        x0 = data.sample(2, rng)
+        _, z = C.pf_likelihood_error(data, VPSDE(), x0, probes=hutchinson_probes(32, x0.shape, rng), rtol=1e-9,
+                                     atol=1e-11)
+        yield _case("likelihood", f"PF-ODE log-likelihood, Hutchinson ({dname}, VP)", {"max_abs_z": z},
+                    f"|z| <= {MC_Z_MAX}", z <= MC_Z_MAX)
+
+
 def _rng_cases():
     bad = C.philox_kat_mismatches()
     yield _case("rng", "Philox4x32-10 known-answer vectors (Random123)", {"mismatches": bad}, "0 mismatches",
@@ -129,7 +169,9 @@ def _rng_cases():
 def run_report(seed: int = 0, progress: bool | None = None) -> dict:
     """Run every applicable check; returns the report dict (see ``SCHEMA``)."""
     rng = np.random.default_rng(seed)
-    groups = [("schedules", _schedule_cases), ("oracles", lambda: _oracle_cases(rng)), ("rng", _rng_cases)]
+    groups = [("schedules", _schedule_cases), ("oracles", lambda: _oracle_cases(rng)),
+              ("objectives", lambda: _objective_cases(rng)), ("likelihood", lambda: _likelihood_cases(rng)),
+              ("rng", _rng_cases)]
     cases, seconds = [], {}
     bar = _progress(len(groups), progress)
     for name, fn in groups:

@@ -46,6 +46,7 @@ __all__ = [
     "VE",
     "EDM",
     "RectifiedFlow",
+    "LinearLogSNR",
     "shift_log_snr",
     "resolution_shift",
     "timesteps",
@@ -449,8 +450,8 @@ class Cosine(ContinuousSchedule):
     """
 
     def __init__(self, s: float = COSINE_S):
-        if not (0.0 < s < 1.0):
-            raise ValueError(f"s must lie in (0, 1), got {s}")
+        if not (0.0 <= s < 1.0):
+            raise ValueError(f"s must lie in [0, 1), got {s}")
         self.s = float(s)
         self.c = np.pi / (2.0 * (1.0 + self.s))
         self.phi0 = self.s * self.c
@@ -468,7 +469,8 @@ class Cosine(ContinuousSchedule):
 
     def sigma(self, t):
         _, _, theta, sp = self._parts(t)
-        return np.sqrt(np.sin(theta) * sp) / self.cos_phi0
+        # two square roots: with s = 0 the product sin(theta) sin(theta) underflows for t < 1e-154
+        return np.sqrt(np.sin(theta)) * np.sqrt(sp) / self.cos_phi0
 
     def log_snr(self, t):
         _, psi, theta, sp = self._parts(t)
@@ -478,14 +480,14 @@ class Cosine(ContinuousSchedule):
 
     def d_log_snr_dt(self, t):
         _, psi, theta, sp = self._parts(t)
-        # lambda' = 2 alpha' / (alpha sigma^2), alpha'/alpha = -c cot(psi)
-        sig2 = np.sin(theta) * sp / self.cos_phi0 ** 2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return -2.0 * self.c * (np.cos(psi) / np.sin(psi)) / sig2
+        # lambda' = 2 alpha' / (alpha sigma^2), alpha'/alpha = -c cot(psi); divide factor by factor (no underflow)
+        # cos(psi) = sin(phi) = sin(theta + phi0): cos of the rounded psi ~ pi/2 would lose it near t = 0
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return -2.0 * self.c * (np.sin(theta + self.phi0) / np.sin(psi)) / np.sin(theta) / sp * self.cos_phi0 ** 2
 
     def dalpha_dt(self, t):
-        _, psi, _, _ = self._parts(t)
-        return -self.c * np.cos(psi) / self.cos_phi0
+        _, _, theta, _ = self._parts(t)
+        return -self.c * np.sin(theta + self.phi0) / self.cos_phi0      # -c sin(phi) / cos(phi0)
 
     def dsigma_dt(self, t):
         with np.errstate(divide="ignore"):
@@ -562,6 +564,45 @@ class Sigmoid(ContinuousSchedule):
 
     def __repr__(self):
         return f"Sigmoid(start={self.start}, end={self.end}, tau={self.tau})"
+
+
+class LinearLogSNR(ContinuousSchedule):
+    """VP family with log-SNR linear in t: lambda(t) = lam_max + (lam_min - lam_max) t (Kingma et al. 2021, VDM's
+    fixed schedule with gamma = -lambda in [-13.3, 5]). alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda).
+
+    Both ends have finite SNR, so the discrete-time ELBO and its continuous limit are defined over t in [0, 1].
+    """
+
+    def __init__(self, lam_max: float = 13.3, lam_min: float = -5.0):
+        if not (np.isfinite(lam_max) and np.isfinite(lam_min) and lam_max > lam_min):
+            raise ValueError(f"need finite lam_max > lam_min, got {lam_max}, {lam_min}")
+        self.lam_max, self.lam_min = float(lam_max), float(lam_min)
+
+    def log_snr(self, t):
+        t = self._t(t)
+        return self.lam_max + (self.lam_min - self.lam_max) * t
+
+    def alpha(self, t):
+        return np.exp(0.5 * log_sigmoid(self.log_snr(t)))
+
+    def sigma(self, t):
+        return np.exp(0.5 * log_sigmoid(-self.log_snr(t)))
+
+    def d_log_snr_dt(self, t):
+        return np.full_like(self._t(t), self.lam_min - self.lam_max)[()]
+
+    def dalpha_dt(self, t):
+        return self._vp_derivatives(t)[0]
+
+    def dsigma_dt(self, t):
+        return self._vp_derivatives(t)[1]
+
+    def t_of_log_snr(self, lam):
+        lam = self._lam(lam)
+        return self._clip_domain((lam - self.lam_max) / (self.lam_min - self.lam_max), lam)[()]
+
+    def __repr__(self):
+        return f"LinearLogSNR(lam_max={self.lam_max}, lam_min={self.lam_min})"
 
 
 class ShiftedVP(ContinuousSchedule):

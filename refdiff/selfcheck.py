@@ -157,3 +157,67 @@ def rng_vs_triton(seeds, offsets, device: str = "cpu") -> dict:
         ulp = np.abs(z.view(np.int32).astype(np.int64) - rz.view(np.int32).astype(np.int64))
         res["normal_max_ulp"] = max(res["normal_max_ulp"], int(ulp.max()))
     return res
+
+
+# ------------------------------------------------------------------------------------------------
+# objectives and likelihood
+# ------------------------------------------------------------------------------------------------
+
+def kingma_gao_table(lam) -> dict:
+    """Kingma & Gao (2023), Table 1: objective -> (prediction, weighting, sampler, schedule, w(lambda) up to a
+    constant), evaluated at ``lam``. The plain cosine (s = 0) is the schedule the iDDPM / v rows assume."""
+    from .losses import LogNormalSigma, UniformTime
+
+    lam = np.asarray(lam, dtype=np.float64)
+    cos = S.Cosine(0.0)
+    return {
+        "eps, cosine (iDDPM)": ("eps", "constant", UniformTime(), cos, 1 / np.cosh(lam / 2)),
+        "v, cosine": ("v", "constant", UniformTime(), cos, np.exp(-lam / 2)),
+        "x0, EDM": ("x0", "edm", LogNormalSigma(), S.EDM(),
+                    np.exp(-0.5 * ((lam - 2.4) / 2.4) ** 2) * (np.exp(-lam) + 0.25) / 0.25),
+        "flow, rectified": ("flow", "constant", UniformTime(), S.RectifiedFlow(), np.exp(-lam / 2)),
+        "eps, min-SNR-5, cosine": ("eps", "min_snr", UniformTime(), cos,
+                                   np.minimum(1, 5 * np.exp(-lam)) / np.cosh(lam / 2)),
+        "ELBO": ("eps", "elbo", UniformTime(), S.LinearLogSNR(20.0, -20.0), np.ones_like(lam)),
+        "sigmoid(b=2)": ("v", "sigmoid", UniformTime(), S.Sigmoid(-6.0, 6.0, 0.5), 1 / (1 + np.exp(lam - 2))),
+    }
+
+
+def kingma_gao_ratio_spread(prediction, weighting, sampler, schedule, expected, lam) -> float:
+    """max |ratio / ratio_mid - 1| of the implied w(lambda) to a table entry known up to a constant factor."""
+    from .losses import implied_weighting
+
+    w, _ = implied_weighting(prediction, weighting, sampler, schedule, lam)
+    ratio = w / expected
+    return float(np.max(np.abs(ratio / ratio[len(ratio) // 2] - 1.0)))
+
+
+def vdm_gap_slopes(schedule, data: GaussianData, x0, Ts=(10, 100, 1000, 10000)):
+    """Exact VDM bounds at each T for Gaussian data: (bounds (len(Ts), B), continuous ELBO (B,), fitted log-log
+    slopes of bound - ELBO against T (B,))."""
+    from .vlb import gaussian_vdm_elbo
+
+    Ts = np.asarray(Ts, dtype=np.float64)
+    cont = gaussian_vdm_elbo(schedule, data, x0).total
+    bounds = np.stack([gaussian_vdm_elbo(schedule, data, x0, int(T)).total for T in Ts])
+    with np.errstate(invalid="ignore"):
+        slopes = np.array([np.polyfit(np.log(Ts), np.log(bounds[:, j] - cont[j]), 1)[0]
+                           for j in range(bounds.shape[1])])
+    return bounds, cont, slopes
+
+
+def pf_likelihood_error(data: _Mixture, sde, x0, probes=None, **kw) -> tuple:
+    """PF-ODE log-likelihood of x0 with the exact score and the exact marginal at T as prior, against the exact
+    log density: returns (max |error| in nats, max |z| = |error| / standard error (inf for the exact divergence))."""
+    from .likelihood import pf_ode_log_likelihood
+
+    a, s = sde.alpha, sde.sigma
+    res = pf_ode_log_likelihood(
+        x0, sde, lambda x, t: data.score(x, a(t), s(t)),
+        divergence_fn=None if probes is not None else (lambda x, t: data.score_divergence(x, a(t), s(t))),
+        probes=probes, hvp_fn=lambda x, t, v: data.score_hvp(x, a(t), s(t), v),
+        prior_logp=lambda z: data.log_prob(z, a(sde.T), s(sde.T)), **kw)
+    err = np.abs(res.log_likelihood - data.log_prob(x0, a(sde.t_min), s(sde.t_min)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(res.standard_error > 0, err / res.standard_error, np.inf)
+    return float(err.max()), float(z.max())
