@@ -7,7 +7,6 @@ the report records them with a verdict. Nothing here draws hidden randomness: a 
 from __future__ import annotations
 
 import numpy as np
-from scipy.integrate import solve_ivp
 
 from . import highprec, rng, schedules as S
 from .oracles import GaussianData, _Mixture
@@ -105,18 +104,10 @@ def pf_ode_error(data: GaussianData, schedule: S.ContinuousSchedule, t_from: flo
     The ODE is dx/dt = alpha'(t) E[x0|x] + sigma'(t) E[eps|x], the conditional expectation of
     d(alpha x0 + sigma eps)/dt (Song et al. 2021, Eq. 13 rewritten with the denoiser).
     """
+    from .samplers.reference import pf_ode_solve
+
     x = np.atleast_2d(np.asarray(x, dtype=np.float64))
-    B, D = x.shape
-
-    def f(t, y):
-        y = y.reshape(B, D)
-        a, s = schedule.alpha(t), schedule.sigma(t)
-        return (schedule.dalpha_dt(t) * data.denoise(y, a, s) + schedule.dsigma_dt(t) * data.eps(y, a, s)).ravel()
-
-    sol = solve_ivp(f, (t_from, t_to), x.ravel(), method="DOP853", rtol=rtol, atol=rtol * 1e-3)
-    if not sol.success:
-        raise RuntimeError(f"solve_ivp failed: {sol.message}")
-    num = sol.y[:, -1].reshape(B, D)
+    num = pf_ode_solve(schedule, data.denoise, x, t_from, t_to, rtol=rtol, atol=rtol * 1e-3)
     exact = data.pf_ode_solution(x, schedule.alpha(t_from), schedule.sigma(t_from), schedule.alpha(t_to),
                                  schedule.sigma(t_to))
     return float(np.abs(num - exact).max() / np.abs(exact).max())

@@ -1,0 +1,163 @@
+"""Samplers written on the VE probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, Eq. 4 with
+s(t) = 1): Euler and Heun with EDM's churn (Alg. 1-2), Euler ancestral and DPM-2 (k-diffusion).
+
+Each step maps the schedule's x to x_ve = x / alpha, runs the paper's algorithm in sigma = sigma / alpha, and maps
+back with the next level's alpha, so the same code serves VP, VE, EDM and flow schedules.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Level, Sampler, State
+
+__all__ = ["Euler", "Heun", "EulerAncestral", "DPM2", "Churn"]
+
+SQRT2_MINUS_1 = np.sqrt(2.0) - 1.0       # EDM's cap on gamma
+
+
+class Churn:
+    """EDM stochasticity (Karras et al. 2022, Alg. 2 lines 4-6): for S_tmin <= sigma <= S_tmax,
+    gamma = min(S_churn / N, sqrt 2 - 1), sigma_hat = sigma (1 + gamma), x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise z.
+
+    N is the number of sampling steps (EDM's convention; k-diffusion and diffusers use len(sigmas) - 1, the same).
+    """
+
+    def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = np.inf, s_noise: float = 1.0):
+        if s_churn < 0 or s_noise < 0 or s_tmin < 0 or s_tmax < s_tmin:
+            raise ValueError("need S_churn >= 0, S_noise >= 0 and 0 <= S_tmin <= S_tmax")
+        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = float(s_churn), float(s_tmin), float(s_tmax), \
+            float(s_noise)
+
+    def gamma(self, sigma, n_steps: int):
+        on = (np.asarray(sigma) >= self.s_tmin) & (np.asarray(sigma) <= self.s_tmax)
+        return np.where(on, min(self.s_churn / n_steps, SQRT2_MINUS_1), 0.0)
+
+    @property
+    def active(self) -> bool:
+        return self.s_churn > 0
+
+
+def _ve(x, level: Level):
+    return x / level.alpha
+
+
+def _from_ve(x_ve, level: Level):
+    return x_ve * level.alpha
+
+
+def _churn(ctx, x_ve, cur: Level, churn: Churn | None):
+    """(x_hat in VE, level_hat): EDM's noise injection, or the input unchanged."""
+    if churn is None or not churn.active:
+        return x_ve, cur
+    sigma = cur.sigma_ve
+    gamma = churn.gamma(sigma, len(ctx.grid))
+    if np.all(gamma == 0):
+        return x_ve, cur
+    sigma_hat = sigma * (1.0 + gamma)
+    lvl = ctx.grid.level_at(-2.0 * np.log(sigma_hat))
+    return x_ve + ctx.noise() * (np.sqrt(sigma_hat ** 2 - sigma ** 2) * churn.s_noise), lvl
+
+
+class Euler(Sampler):
+    """Euler on the PF ODE in sigma (Karras et al. 2022, Alg. 2 without the correction), with optional churn."""
+
+    history_needed = 0
+
+    def __init__(self, churn: Churn | None = None):
+        self.churn = churn
+        self.stochastic = churn is not None and churn.active
+        self.order = None if self.stochastic else 1
+        self.weak_order = 1 if self.stochastic else None
+        self.name = "Euler" + (f"(S_churn={churn.s_churn:g})" if self.stochastic else "")
+
+    def step(self, ctx, cur: Level, nxt: Level, state: State):
+        x_hat, lvl = _churn(ctx, _ve(ctx.x, cur), cur, self.churn)
+        s_hat = lvl.sigma_ve
+        D = ctx.denoise(_from_ve(x_hat, lvl), lvl)
+        d = (x_hat - D) / s_hat
+        return _from_ve(x_hat + d * (nxt.sigma_ve - s_hat), nxt), {}
+
+
+class Heun(Sampler):
+    """Heun's second-order method (Karras et al. 2022, Alg. 1-2): Euler, then the trapezoidal correction with the
+    slope at the Euler point; the final step into sigma = 0 stays Euler (recorded as order 1)."""
+
+    history_needed = 0
+
+    def __init__(self, churn: Churn | None = None):
+        self.churn = churn
+        self.stochastic = churn is not None and churn.active
+        self.order = None if self.stochastic else 2
+        # churn re-noises to the exact marginal at sigma_hat, so the law's error is the ODE step's (measured on
+        # the exact Gaussian output law: covariance error ~ h^2)
+        self.weak_order = 2 if self.stochastic else None
+        self.name = "Heun" + (f"(S_churn={churn.s_churn:g})" if self.stochastic else "")
+
+    def step_order(self, state, grid):
+        return 1 if grid.levels[state.step + 1].is_data else 2
+
+    def step(self, ctx, cur: Level, nxt: Level, state: State):
+        x_hat, lvl = _churn(ctx, _ve(ctx.x, cur), cur, self.churn)
+        s_hat, s_next = lvl.sigma_ve, nxt.sigma_ve
+        D = ctx.denoise(_from_ve(x_hat, lvl), lvl)
+        d = (x_hat - D) / s_hat
+        x_next = x_hat + d * (s_next - s_hat)
+        if nxt.is_data:
+            return _from_ve(x_next, nxt), {"order": 1}
+        D2 = ctx.denoise(_from_ve(x_next, nxt), nxt)
+        d2 = (x_next - D2) / s_next
+        return _from_ve(x_hat + (d * 0.5 + d2 * 0.5) * (s_next - s_hat), nxt), {"order": 2}
+
+
+class EulerAncestral(Sampler):
+    """Euler ancestral (k-diffusion ``sample_euler_ancestral``): step to sigma_down by Euler, add noise of std sigma_up,
+    sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)),
+    sigma_down = sqrt(sigma_next^2 - sigma_up^2) (radicands clamped at 0: diffusers #14213 took a square root of a
+    negative fp32 rounding)."""
+
+    stochastic = True
+    weak_order = 1
+    history_needed = 0
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0):
+        if not 0.0 <= eta:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.eta, self.s_noise = float(eta), float(s_noise)
+        self.name = f"EulerAncestral(eta={eta:g})"
+
+    def step(self, ctx, cur: Level, nxt: Level, state: State):
+        x = _ve(ctx.x, cur)
+        s, sn = cur.sigma_ve, nxt.sigma_ve
+        D = ctx.denoise(ctx.x, cur)
+        if nxt.is_data:
+            return _from_ve(D, nxt), {}
+        up = np.minimum(sn, self.eta * np.sqrt(np.maximum(sn * sn * (s * s - sn * sn) / (s * s), 0.0)))
+        down = np.sqrt(np.maximum(sn * sn - up * up, 0.0))
+        x_down = x + (x - D) / s * (down - s)
+        return _from_ve(x_down + ctx.noise() * (up * self.s_noise), nxt), {}
+
+
+class DPM2(Sampler):
+    """DPM-2 (k-diffusion ``sample_dpm_2``): a midpoint step at sigma_mid = sqrt(sigma sigma_next) (log-sigma midpoint);
+    Euler into sigma = 0."""
+
+    order = 2
+    history_needed = 0
+    name = "DPM2"
+
+    def step_order(self, state, grid):
+        return 1 if grid.levels[state.step + 1].is_data else 2
+
+    def step(self, ctx, cur: Level, nxt: Level, state: State):
+        x = _ve(ctx.x, cur)
+        s, sn = cur.sigma_ve, nxt.sigma_ve
+        D = ctx.denoise(ctx.x, cur)
+        d = (x - D) / s
+        if nxt.is_data:
+            return _from_ve(x + d * (sn - s), nxt), {"order": 1}
+        mid = ctx.grid.level_at(0.5 * (np.asarray(cur.log_snr) + np.asarray(nxt.log_snr)))
+        s_mid = mid.sigma_ve
+        x2 = x + d * (s_mid - s)
+        D2 = ctx.denoise(_from_ve(x2, mid), mid)
+        return _from_ve(x + (x2 - D2) / s_mid * (sn - s), nxt), {"order": 2}

@@ -1,0 +1,275 @@
+"""Samplers: paper form == coefficient form, convergence orders against solve_ivp, strong order on a shared Brownian
+path, the exact Gaussian output law, order lowering, NaN propagation and bad input."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refdiff import schedules as S
+from refdiff.oracles import GaussianData, GaussianMixture
+from refdiff.parametrization import PREDICTIONS, from_x0_eps, to_x0_eps
+from refdiff.samplers import (DDIM, DDPM, DPM2, RK4, Churn, DPMSolver, DPMSolverPP, Euler, EulerAncestral, Grid, Heun,
+                              Level, PredictorCorrector, ReverseEulerMaruyama, SDEDPMSolverPP2M, UniPC, model_coeffs,
+                              pf_ode_solve, step_coeffs)
+from refdiff.samplers.base import State
+from refdiff.samplers.exact_law import gaussian_marginal, gaussian_output_law
+from refdiff.solve import sample
+from strategies import vp_levels
+
+ORDER_TOL = 0.1          # |fitted slope - declared order| for ODE samplers and exact laws (issue acceptance)
+STRONG_TOL = 0.2         # strong order of SDE samplers
+Z_MAX = 4.0
+# step counts past diffusers' lower_order_final threshold (15) and into the asymptotic range: 3M's third-order
+# steps still show at 32 steps (error ratio 4.85 where the run's order 2 gives 4), so the fit starts at 64
+NS = [64, 128, 256, 512]
+
+
+def _gmm():
+    rng = np.random.default_rng(0)
+    covs = np.stack([B @ B.T + 0.2 * np.eye(2) for B in rng.standard_normal((3, 2, 2)) * 0.5])
+    return GaussianMixture([0.5, 0.3, 0.2], rng.uniform(-2, 2, (3, 2)), covs)
+
+
+GMM = _gmm()
+SCHED = S.VPLinear()
+T0, T1 = 0.8, 0.05
+
+
+def oracle_model(data, prediction="eps"):
+    def model(x, level):
+        a, s = level.alpha, level.sigma
+        return from_x0_eps(data.denoise(x, a, s), data.eps(x, a, s), prediction, a, s)
+    return model
+
+
+AFFINE = [DDIM(), DDIM(0.6), DDPM(), DDPM("fixed_large"), Euler(), Heun(), Euler(Churn(5.0)), Heun(Churn(3.0, 0.1, 5.0)),
+          EulerAncestral(), DPM2(), DPMSolver(1), DPMSolver(2), DPMSolver(3), DPMSolverPP(2), DPMSolverPP(3),
+          SDEDPMSolverPP2M(), UniPC(1), UniPC(2, "bh1"), UniPC(2, "bh2"), ReverseEulerMaruyama()]
+ODE = [s for s in AFFINE if not s.stochastic] + [RK4()]
+
+
+def _grid(n, schedule=SCHED, t0=T0, t1=T1):
+    return Grid.from_times(schedule, S.log_snr_uniform_times(schedule, n, t0, t1))
+
+
+@pytest.mark.parametrize("sampler", AFFINE, ids=lambda s: s.name)
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0", "flow"])
+def test_paper_form_equals_coefficient_form(sampler, prediction):
+    rng = np.random.default_rng(1)
+    grid = _grid(9)
+    x = rng.standard_normal((4, 2))
+    noise = rng.standard_normal((40, 4, 2))
+    model = oracle_model(GMM, prediction)
+    a = sample(sampler, model, grid, x, noise=noise, prediction=prediction, mode="paper")
+    b = sample(sampler, model, grid, x, noise=noise, prediction=prediction, mode="coeffs")
+    # the two paths form the same affine combination in a different association: a few roundings of terms
+    # that are O(|x|) after the coefficients (|a|, |b| <= ~20 here)
+    assert np.abs(a.x - b.x).max() <= 1e-12 * max(1.0, np.abs(a.x).max())
+    assert [r.nfe for r in a.record] == [r.nfe for r in b.record]
+
+
+@pytest.mark.parametrize("sampler", [DDIM(), Heun(), DPMSolverPP(2), UniPC(2), EulerAncestral()], ids=lambda s: s.name)
+def test_per_row_levels(sampler):
+    """Per-sample timesteps: levels with one value per batch row give per-row coefficient vectors, and each row
+    equals a run of that row alone."""
+    rng = np.random.default_rng(2)
+    t0 = np.array([0.9, 0.7, 0.8])
+    t1 = np.array([0.1, 0.05, 0.2])
+    times = np.stack([S.log_snr_uniform_times(SCHED, 6, a, b) for a, b in zip(t0, t1)], axis=1)   # (7, B)
+    grid = Grid([Level(t, SCHED.alpha(t), SCHED.sigma(t), SCHED.log_snr(t)) for t in times], SCHED)
+    x = rng.standard_normal((3, 2))
+    noise = rng.standard_normal((20, 3, 2))
+    model = oracle_model(GMM)
+    a = sample(sampler, model, grid, x, noise=noise, mode="paper")
+    b = sample(sampler, model, grid, x, noise=noise, mode="coeffs")
+    assert np.abs(a.x - b.x).max() <= 1e-12 * max(1.0, np.abs(a.x).max())
+    c = step_coeffs(sampler, grid, State(), "eps")
+    assert np.shape(c[0].a) == (3,)
+    for r in range(3):
+        g1 = Grid.from_times(SCHED, times[:, r])
+        one = sample(sampler, model, g1, x[r:r + 1], noise=noise[:, r:r + 1], mode="paper")
+        assert np.abs(one.x[0] - a.x[r]).max() <= 1e-12 * max(1.0, np.abs(one.x).max())
+
+
+@pytest.mark.parametrize("sampler,err", [(RK4(), ValueError), (PredictorCorrector(), NotImplementedError),
+                                         (DDPM("learned_range", variance_fn=lambda x, l: np.zeros_like(x)),
+                                          NotImplementedError)], ids=["RK4", "PC", "learned_range"])
+def test_non_affine_samplers_refuse_coefficients(sampler, err):
+    with pytest.raises(err):
+        step_coeffs(sampler, _grid(4), State(history=(0, 0)), "eps")
+
+
+@given(lv=vp_levels, seed=st.integers(0, 2 ** 32 - 1))
+def test_model_coeffs_match_the_parametrization(lv, seed):
+    a, s = lv
+    rng = np.random.default_rng(seed)
+    x, m = rng.standard_normal((2, 3)), rng.standard_normal((2, 3))
+    for pred in PREDICTIONS:
+        cx, cm = model_coeffs(pred, a, s)
+        ref = to_x0_eps(m, pred, x, a, s)[0]
+        assert np.abs(cx * x + cm * m - ref).max() <= 1e-12 * max(1.0, np.abs(ref).max(), 1 / a)
+
+
+# -- convergence orders ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ode_reference():
+    x = np.random.default_rng(3).standard_normal((4, 2)) * SCHED.sigma(T0)
+    return x, pf_ode_solve(SCHED, GMM.denoise, x, T0, T1, method="DOP853", rtol=1e-13)
+
+
+def measured_order(sampler, x, ref, Ns=NS):
+    errs = [np.abs(sample(sampler, oracle_model(GMM), _grid(n), x).x - ref).max() for n in Ns]
+    return -np.polyfit(np.log(Ns), np.log(errs), 1)[0], errs
+
+
+@pytest.mark.parametrize("sampler", ODE, ids=lambda s: s.name)
+def test_ode_convergence_order(sampler, ode_reference):
+    slope, errs = measured_order(sampler, *ode_reference)
+    assert abs(slope - sampler.convergence_order) <= ORDER_TOL, errs
+
+
+def test_dpmsolver_pp_3m_steps_are_third_order_but_the_warm_up_limits_the_run_to_second():
+    s = DPMSolverPP(3)
+    assert s.order == 3 and s.convergence_order == 2
+    grid = _grid(40)
+    res = sample(s, oracle_model(GMM), grid, np.zeros((1, 2)))
+    assert res.state.orders[:3] == (1, 2, 3) and set(res.state.orders[2:]) == {3}
+
+
+def test_sde_strong_order_on_a_shared_brownian_path():
+    """Euler-Maruyama on the reverse VP SDE (additive noise: strong order 1). Brownian increments on the finest
+    time-uniform grid are summed for the coarser grids (nested grids: the same path, refined by bridges)."""
+    rng = np.random.default_rng(4)
+    n_fine, B = 2 ** 13, 64
+    t = np.linspace(T0, T1, n_fine + 1)
+    dW = rng.standard_normal((n_fine, B, 2)) * np.sqrt(np.abs(np.diff(t)))[:, None, None]
+    x = rng.standard_normal((B, 2)) * SCHED.sigma(T0)
+    model = oracle_model(GMM)
+
+    def run(n):
+        k = n_fine // n
+        incr = dW.reshape(n, k, B, 2).sum(axis=1)
+        z = incr / np.sqrt(np.abs(np.diff(t[::k])))[:, None, None]
+        return sample(ReverseEulerMaruyama(), model, Grid.from_times(SCHED, t[::k]), x, noise=z).x
+
+    ref = run(n_fine)
+    Ns = [16, 32, 64, 128, 256]
+    errs = [np.sqrt(np.mean(np.sum((run(n) - ref) ** 2, axis=1))) for n in Ns]
+    slope = -np.polyfit(np.log(Ns), np.log(errs), 1)[0]
+    assert abs(slope - ReverseEulerMaruyama.strong_order) <= STRONG_TOL, errs
+
+
+# -- exact output law (Gaussian data) ---------------------------------------------------------------------
+
+def _gauss():
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((3, 3))
+    return GaussianData(rng.standard_normal(3), A @ A.T + 0.3 * np.eye(3))
+
+
+GAUSS = _gauss()
+LAW_SAMPLERS = [s for s in AFFINE if not isinstance(s, (DPM2, DPMSolver)) or s.order != 1]
+
+
+@pytest.mark.parametrize("sampler", LAW_SAMPLERS, ids=lambda s: s.name)
+def test_exact_law_covariance_error_shrinks_at_the_order(sampler):
+    target = gaussian_marginal(GAUSS, SCHED.alpha(T1), SCHED.sigma(T1))
+    errs = [np.abs(gaussian_output_law(sampler, GAUSS, _grid(n)).cov - target.cov).max() for n in NS]
+    slope = -np.polyfit(np.log(NS), np.log(errs), 1)[0]
+    order = sampler.convergence_order if not sampler.stochastic else sampler.weak_order
+    assert abs(slope - order) <= ORDER_TOL, errs
+
+
+def test_exact_law_of_ode_samplers_is_the_pushforward_of_their_map():
+    """For a deterministic sampler the law is exact: its covariance equals J C J^T for the sampler's linear map."""
+    grid = _grid(7)
+    s = DPMSolverPP(2)
+    law = gaussian_output_law(s, GAUSS, grid)
+    start = gaussian_marginal(GAUSS, grid.levels[0].alpha, grid.levels[0].sigma)
+    model = oracle_model(GAUSS)
+    f = lambda x: sample(s, model, grid, x).x  # noqa: E731
+    b = f(np.zeros((1, 3)))[0]
+    J = np.stack([f(e[None])[0] - b for e in np.eye(3)], axis=1)
+    np.testing.assert_allclose(law.cov, J @ start.cov @ J.T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(law.mean, J @ start.mean + b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampler", [DDPM(), ReverseEulerMaruyama(), EulerAncestral()], ids=lambda s: s.name)
+def test_exact_law_matches_monte_carlo(sampler):
+    rng = np.random.default_rng(6)
+    grid = _grid(12)
+    law = gaussian_output_law(sampler, GAUSS, grid)
+    start = gaussian_marginal(GAUSS, grid.levels[0].alpha, grid.levels[0].sigma)
+    n = 40_000
+    x0 = rng.multivariate_normal(start.mean, start.cov, size=n)
+    out = sample(sampler, oracle_model(GAUSS), grid, x0, noise=rng).x
+    se_mean = np.sqrt(np.diag(law.cov) / n)
+    assert np.all(np.abs(out.mean(0) - law.mean) <= Z_MAX * se_mean)
+    C = law.cov
+    se_cov = np.sqrt((np.outer(np.diag(C), np.diag(C)) + C * C) / n)       # Var of a Gaussian sample covariance
+    assert np.all(np.abs(np.cov(out.T) - C) <= Z_MAX * se_cov)
+
+
+# -- orders used, edge cases, NaN --------------------------------------------------------------------------
+
+def test_order_lowering_is_recorded():
+    res = sample(DPMSolverPP(3), oracle_model(GMM), _grid(5), np.zeros((1, 2)))
+    assert res.state.orders == (1, 2, 3, 2, 1)                # warm-up, then diffusers' lower_order_final (< 15)
+    assert [r.order for r in res.record] == [1, 2, 3, 2, 1]
+    data_grid = Grid.from_discrete(S.DiscreteSchedule(S.linear_betas(1000)), S.timesteps(1000, 4, "trailing"))
+    res = sample(Heun(), oracle_model(GMM), data_grid, np.zeros((1, 2)))
+    assert res.state.orders[-1] == 1 and res.record[-1].nfe == 1      # Heun's last step into sigma = 0: Euler
+
+
+@pytest.mark.parametrize("sampler", [DDIM(), Heun(), DPMSolver(3), DPMSolverPP(3), UniPC(2), DPM2(), RK4()],
+                         ids=lambda s: s.name)
+def test_one_step_works(sampler):
+    res = sample(sampler, oracle_model(GMM), _grid(1), np.ones((2, 2)))
+    assert np.all(np.isfinite(res.x)) and len(res.record) == 1
+
+
+def test_zero_steps_and_bad_grids_raise():
+    with pytest.raises(ValueError, match="at least 2 levels"):
+        Grid.from_times(SCHED, [0.5])
+    with pytest.raises(ValueError, match="duplicate"):
+        Grid.from_times(SCHED, [0.5, 0.5, 0.1])
+    with pytest.raises(ValueError, match="decreasing"):
+        Grid.from_times(SCHED, [0.1, 0.5])
+    with pytest.raises(ValueError, match="integers"):
+        Grid.from_discrete(S.DiscreteSchedule(S.linear_betas(10)), np.array([5.0, 2.0]))
+
+
+def test_nan_in_model_output_propagates_and_is_recorded():
+    def model(x, level):
+        out = oracle_model(GMM)(x, level)
+        if abs(float(level.t) - 0.3) < 0.15:
+            out = out.copy()
+            out[1, 0] = np.nan
+        return out
+
+    grid = Grid.from_times(SCHED, np.linspace(0.8, 0.05, 6))
+    res = sample(DPMSolverPP(2), model, grid, np.ones((3, 2)))
+    bad = [r.nonfinite for r in res.record]
+    first = next(i for i, b in enumerate(bad) if b)
+    assert bad[:first] == [0] * first and all(b > 0 for b in bad[first:])
+    assert np.all(np.isfinite(res.x[[0, 2]])) and np.isnan(res.x[1]).any()       # only the poisoned row
+    with pytest.raises(FloatingPointError, match=f"step {first}"):
+        sample(DPMSolverPP(2), model, grid, np.ones((3, 2)), strict=True)
+
+
+def test_bad_input():
+    grid = _grid(3)
+    with pytest.raises(ValueError, match="stochastic"):
+        sample(DDPM(), oracle_model(GMM), grid, np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="mode"):
+        sample(DDIM(), oracle_model(GMM), grid, np.zeros((2, 2)), mode="kernel")
+    with pytest.raises(ValueError, match="noise draws must have shape"):
+        sample(DDPM(), oracle_model(GMM), grid, np.zeros((2, 2)), noise=np.zeros((3, 2, 3)))
+    with pytest.raises(ValueError, match="eta"):
+        DDIM(1.5)
+    with pytest.raises(ValueError, match="SNR = 0"):
+        model_coeffs("eps", 0.0, 1.0)
+    with pytest.raises(ValueError, match="order"):
+        DPMSolverPP(4)
