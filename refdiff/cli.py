@@ -1,6 +1,7 @@
 """The ``refdiff`` command (DESIGN.md §7).
 
     refdiff report [--out DIR] [--json PATH]   every check that applies here -> report.md, report.json, plots
+    refdiff order [--out DIR] [--json PATH]    convergence orders of the samplers -> order.md, order.json, order.png
     refdiff env [--json PATH]                  versions, device, interpreter / TF32 state, RNG algorithm
 
 Exit codes: 0 pass, 1 verification failed, 2 usage or import error, 3 not run.
@@ -44,6 +45,19 @@ def _cmd_report(args) -> int:
     return EXIT_FAIL if failed else EXIT_PASS
 
 
+def _cmd_order(args) -> int:
+    from ._env import env_info
+    from .convergence import order_markdown, order_table, write_order
+
+    cases = order_table(include_sde=not args.ode_only)
+    paths = write_order(cases, args.out, env_info())
+    if args.json:
+        Path(args.json).write_text(Path(paths[0]).read_text())
+    print(order_markdown(cases))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return EXIT_FAIL if any(c["verdict"] == "fail" for c in cases) else EXIT_PASS
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refdiff", description="Numerical ground truth for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the numpy Generator used by Monte-Carlo checks")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("order", help="convergence orders of every sampler: table (JSON + markdown) and log-log PNG")
+    p.add_argument("--out", default="report", help="output folder (default: ./report)")
+    p.add_argument("--json", help="also write the JSON table to this path")
+    p.add_argument("--ode-only", action="store_true", help="skip the SDE strong-order case")
+    p.set_defaults(func=_cmd_order)
     p = sub.add_parser("env", help="versions, device, interpreter and TF32 state, RNG algorithm")
     p.add_argument("--json", help="also write the environment as JSON to this path")
     p.set_defaults(func=_cmd_env)

@@ -139,6 +139,14 @@ def _likelihood_cases(rng):
                     f"|z| <= {MC_Z_MAX}", z <= MC_Z_MAX)
 
 
+def _sampler_cases():
+    from .convergence import order_table
+
+    for c in order_table():
+        yield _case("samplers", f"convergence order: {c['sampler']} ({c['kind']})",
+                    {"declared": float(c["declared"]), "measured": c["measured"]}, c["rule"], c["verdict"] == "pass")
+
+
 def _rng_cases():
     bad = C.philox_kat_mismatches()
     yield _case("rng", "Philox4x32-10 known-answer vectors (Random123)", {"mismatches": bad}, "0 mismatches",
@@ -171,7 +179,7 @@ def run_report(seed: int = 0, progress: bool | None = None) -> dict:
     rng = np.random.default_rng(seed)
     groups = [("schedules", _schedule_cases), ("oracles", lambda: _oracle_cases(rng)),
               ("objectives", lambda: _objective_cases(rng)), ("likelihood", lambda: _likelihood_cases(rng)),
-              ("rng", _rng_cases)]
+              ("samplers", _sampler_cases), ("rng", _rng_cases)]
     cases, seconds = [], {}
     bar = _progress(len(groups), progress)
     for name, fn in groups:

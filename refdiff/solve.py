@@ -95,7 +95,7 @@ def _model_fn(model, prediction, guidance):
 
 def sample(sampler: Sampler, model: Callable, grid: Grid, x_T, noise=None, prediction: str = "eps",
            guidance=None, mode: str = "paper", return_trajectory: bool = False, progress: bool | None = None,
-           strict: bool = False, state: State | None = None) -> SampleResult:
+           strict: bool = False, state: State | None = None, steps: int | None = None) -> SampleResult:
     """Run ``sampler`` over ``grid`` from x_T.
 
     Parameters
@@ -104,6 +104,7 @@ def sample(sampler: Sampler, model: Callable, grid: Grid, x_T, noise=None, predi
     guidance : classifier-free guidance scale s in m = m_u + s (m_c - m_u) (diffusers' convention; Ho & Salimans'
         w is s - 1, see refdiff.conventions.cfg_scale)
     mode : "paper" (the sampler's own step on arrays) or "coeffs" (its StepCoeffs through ``apply``)
+    state, steps : resume from an explicit state (step index, history) and run only ``steps`` steps
     """
     if mode not in ("paper", "coeffs"):
         raise ValueError(f"mode must be 'paper' or 'coeffs', got {mode!r}")
@@ -118,7 +119,8 @@ def sample(sampler: Sampler, model: Callable, grid: Grid, x_T, noise=None, predi
     bar = _progress(len(grid), progress)
     # the paper form reads levels directly: per-row values shaped (B, 1, ...) so they broadcast against x
     shaped = Grid([_shape(lv, x) for lv in grid.levels], grid.schedule, grid.inversion) if mode == "paper" else grid
-    for i in range(state.step, len(grid)):
+    stop = len(grid) if steps is None else min(len(grid), state.step + int(steps))
+    for i in range(state.step, stop):
         cur, nxt = grid.levels[i], grid.levels[i + 1]
         order = sampler.step_order(state, grid)
         if mode == "paper":

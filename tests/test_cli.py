@@ -55,3 +55,13 @@ def test_reference_imports_without_torch():
 @pytest.mark.parametrize("argv", [["report", "--seed", "x"], ["env", "--bogus"]])
 def test_bad_arguments(argv):
     assert cli.main(argv) == cli.EXIT_USAGE
+
+
+def test_order_writes_table_and_plot(tmp_path):
+    code = cli.main(["order", "--out", str(tmp_path), "--ode-only"])
+    doc = json.loads((tmp_path / "order.json").read_text())
+    assert doc["schema"] == "refdiff.order/1" and doc["cases"]
+    assert all(c["verdict"] in ("pass", "fail") for c in doc["cases"])
+    assert code == (cli.EXIT_FAIL if doc["verdict"] == "fail" else cli.EXIT_PASS)
+    assert "| sampler |" in (tmp_path / "order.md").read_text()
+    assert (tmp_path / "order.png").stat().st_size > 0

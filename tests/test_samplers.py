@@ -6,9 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from refdiff import convergence as CV
 from refdiff import schedules as S
+from refdiff.convergence import oracle_model
 from refdiff.oracles import GaussianData, GaussianMixture
-from refdiff.parametrization import PREDICTIONS, from_x0_eps, to_x0_eps
+from refdiff.parametrization import PREDICTIONS, to_x0_eps
 from refdiff.samplers import (DDIM, DDPM, DPM2, RK4, Churn, DPMSolver, DPMSolverPP, Euler, EulerAncestral, Grid, Heun,
                               Level, PredictorCorrector, ReverseEulerMaruyama, SDEDPMSolverPP2M, UniPC, model_coeffs,
                               pf_ode_solve, step_coeffs)
@@ -17,12 +19,12 @@ from refdiff.samplers.exact_law import gaussian_marginal, gaussian_output_law
 from refdiff.solve import sample
 from strategies import vp_levels
 
-ORDER_TOL = 0.1          # |fitted slope - declared order| for ODE samplers and exact laws (issue acceptance)
-STRONG_TOL = 0.2         # strong order of SDE samplers
+ORDER_TOL = CV.ORDER_TOL      # |fitted slope - declared order| for ODE samplers and exact laws (issue acceptance)
+STRONG_TOL = CV.STRONG_TOL    # strong order of SDE samplers
 Z_MAX = 4.0
 # step counts past diffusers' lower_order_final threshold (15) and into the asymptotic range: 3M's third-order
 # steps still show at 32 steps (error ratio 4.85 where the run's order 2 gives 4), so the fit starts at 64
-NS = [64, 128, 256, 512]
+NS = list(CV.ODE_NS)
 
 
 def _gmm():
@@ -36,17 +38,9 @@ SCHED = S.VPLinear()
 T0, T1 = 0.8, 0.05
 
 
-def oracle_model(data, prediction="eps"):
-    def model(x, level):
-        a, s = level.alpha, level.sigma
-        return from_x0_eps(data.denoise(x, a, s), data.eps(x, a, s), prediction, a, s)
-    return model
-
-
 AFFINE = [DDIM(), DDIM(0.6), DDPM(), DDPM("fixed_large"), Euler(), Heun(), Euler(Churn(5.0)), Heun(Churn(3.0, 0.1, 5.0)),
           EulerAncestral(), DPM2(), DPMSolver(1), DPMSolver(2), DPMSolver(3), DPMSolverPP(2), DPMSolverPP(3),
           SDEDPMSolverPP2M(), UniPC(1), UniPC(2, "bh1"), UniPC(2, "bh2"), ReverseEulerMaruyama()]
-ODE = [s for s in AFFINE if not s.stochastic] + [RK4()]
 
 
 def _grid(n, schedule=SCHED, t0=T0, t1=T1):
@@ -114,51 +108,27 @@ def test_model_coeffs_match_the_parametrization(lv, seed):
 # -- convergence orders ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ode_reference():
-    x = np.random.default_rng(3).standard_normal((4, 2)) * SCHED.sigma(T0)
-    return x, pf_ode_solve(SCHED, GMM.denoise, x, T0, T1, method="DOP853", rtol=1e-13)
+def problem():
+    return CV.default_problem()
 
 
-def measured_order(sampler, x, ref, Ns=NS):
-    errs = [np.abs(sample(sampler, oracle_model(GMM), _grid(n), x).x - ref).max() for n in Ns]
-    return -np.polyfit(np.log(Ns), np.log(errs), 1)[0], errs
-
-
-@pytest.mark.parametrize("sampler", ODE, ids=lambda s: s.name)
-def test_ode_convergence_order(sampler, ode_reference):
-    slope, errs = measured_order(sampler, *ode_reference)
-    assert abs(slope - sampler.convergence_order) <= ORDER_TOL, errs
+@pytest.mark.parametrize("sampler", CV.ode_samplers(), ids=lambda s: s.name)
+def test_ode_convergence_order(sampler, problem):
+    errs = CV.ode_errors(sampler, problem)
+    assert abs(CV.fitted_order(CV.ODE_NS, errs) - sampler.convergence_order) <= ORDER_TOL, errs
 
 
 def test_dpmsolver_pp_3m_steps_are_third_order_but_the_warm_up_limits_the_run_to_second():
     s = DPMSolverPP(3)
     assert s.order == 3 and s.convergence_order == 2
-    grid = _grid(40)
-    res = sample(s, oracle_model(GMM), grid, np.zeros((1, 2)))
+    res = sample(s, oracle_model(GMM), _grid(40), np.zeros((1, 2)))
     assert res.state.orders[:3] == (1, 2, 3) and set(res.state.orders[2:]) == {3}
 
 
-def test_sde_strong_order_on_a_shared_brownian_path():
-    """Euler-Maruyama on the reverse VP SDE (additive noise: strong order 1). Brownian increments on the finest
-    time-uniform grid are summed for the coarser grids (nested grids: the same path, refined by bridges)."""
-    rng = np.random.default_rng(4)
-    n_fine, B = 2 ** 13, 64
-    t = np.linspace(T0, T1, n_fine + 1)
-    dW = rng.standard_normal((n_fine, B, 2)) * np.sqrt(np.abs(np.diff(t)))[:, None, None]
-    x = rng.standard_normal((B, 2)) * SCHED.sigma(T0)
-    model = oracle_model(GMM)
-
-    def run(n):
-        k = n_fine // n
-        incr = dW.reshape(n, k, B, 2).sum(axis=1)
-        z = incr / np.sqrt(np.abs(np.diff(t[::k])))[:, None, None]
-        return sample(ReverseEulerMaruyama(), model, Grid.from_times(SCHED, t[::k]), x, noise=z).x
-
-    ref = run(n_fine)
-    Ns = [16, 32, 64, 128, 256]
-    errs = [np.sqrt(np.mean(np.sum((run(n) - ref) ** 2, axis=1))) for n in Ns]
-    slope = -np.polyfit(np.log(Ns), np.log(errs), 1)[0]
-    assert abs(slope - ReverseEulerMaruyama.strong_order) <= STRONG_TOL, errs
+def test_sde_strong_order_on_a_shared_brownian_path(problem):
+    """Euler-Maruyama on the reverse VP SDE (additive noise: strong order 1), on nested grids sharing one path."""
+    errs = CV.strong_errors(problem)
+    assert abs(CV.fitted_order(CV.SDE_NS, errs) - ReverseEulerMaruyama.strong_order) <= STRONG_TOL, errs
 
 
 # -- exact output law (Gaussian data) ---------------------------------------------------------------------
