@@ -243,3 +243,22 @@ def test_bad_input():
         model_coeffs("eps", 0.0, 1.0)
     with pytest.raises(ValueError, match="order"):
         DPMSolverPP(4)
+
+
+@pytest.mark.parametrize("method,rtol", [("RK45", 1e-10), ("Radau", 1e-10)])
+def test_solve_ivp_ground_truths_agree(method, rtol, problem):
+    other = pf_ode_solve(SCHED, GMM.denoise, problem.x, T0, T1, method=method, rtol=rtol)
+    # each solver meets its tolerance: the difference is within a few rtol of the solution's size
+    assert np.abs(other - problem.reference).max() <= 100 * rtol * max(1.0, np.abs(problem.reference).max())
+
+
+def test_ddpm_learned_range_interpolates_fixed_small_and_large():
+    rng = np.random.default_rng(7)
+    grid = _grid(6)
+    x, noise = rng.standard_normal((3, 2)), rng.standard_normal((10, 3, 2))
+    small = sample(DDPM("fixed_small"), oracle_model(GMM), grid, x, noise=noise).x
+    large = sample(DDPM("fixed_large"), oracle_model(GMM), grid, x, noise=noise).x
+    for v, ref in ((-1.0, small), (1.0, large)):
+        lr = DDPM("learned_range", variance_fn=lambda u, l, v=v: np.full_like(u, v))
+        np.testing.assert_allclose(sample(lr, oracle_model(GMM), grid, x, noise=noise).x, ref, rtol=1e-12,
+                                   atol=1e-12)
