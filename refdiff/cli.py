@@ -2,6 +2,7 @@
 
     refdiff report [--out DIR] [--json PATH]   every check that applies here -> report.md, report.json, plots
     refdiff order [--out DIR] [--json PATH]    convergence orders of the samplers -> order.md, order.json, order.png
+    refdiff bench [--out DIR] [--dry-run]      kernel benchmarks against peers (GPU; exit 3 without one)
     refdiff env [--json PATH]                  versions, device, interpreter / TF32 state, RNG algorithm
 
 Exit codes: 0 pass, 1 verification failed, 2 usage or import error, 3 not run.
@@ -58,6 +59,29 @@ def _cmd_order(args) -> int:
     return EXIT_FAIL if any(c["verdict"] == "fail" for c in cases) else EXIT_PASS
 
 
+def _cmd_bench(args) -> int:
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "bench" / "sampler_step.py"
+    if not script.exists():
+        print("refdiff bench needs the source tree (bench/ is not installed with the package)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        import torch
+    except ImportError:
+        print("refdiff bench needs torch and triton: pip install -e '.[kernels]'", file=sys.stderr)
+        return EXIT_USAGE
+    if not torch.cuda.is_available() and not args.dry_run:
+        print("refdiff bench: not run: no CUDA device (timings need a GPU; --dry-run exercises the script under "
+              "the interpreter without real timings)")
+        return EXIT_NOT_RUN
+    spec = importlib.util.spec_from_file_location("refdiff_bench_sampler_step", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main(["--out", args.out] + (["--dry-run"] if args.dry_run else []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refdiff", description="Numerical ground truth for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the JSON table to this path")
     p.add_argument("--ode-only", action="store_true", help="skip the SDE strong-order case")
     p.set_defaults(func=_cmd_order)
+    p = sub.add_parser("bench", help="benchmarks against peers on the GPU (exit 3 without one)")
+    p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
+    p.add_argument("--dry-run", action="store_true", help="exercise the benchmarks under the interpreter (no timings)")
+    p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("env", help="versions, device, interpreter and TF32 state, RNG algorithm")
     p.add_argument("--json", help="also write the environment as JSON to this path")
     p.set_defaults(func=_cmd_env)

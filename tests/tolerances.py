@@ -25,3 +25,30 @@ def fd_tolerance(h: float, third_derivative: float, f_scale: float) -> float:
     """Error bound of a central difference (f(x+h) - f(x-h)) / 2h: truncation h^2 |f'''| / 6 plus rounding
     eps |f| / h (two evaluations, each with ~eps |f| absolute error, divided by 2h)."""
     return h * h * third_derivative / 6.0 + EPS64 * f_scale / h
+
+
+# -- kernels: the flash-attention rule (DESIGN.md §4) ------------------------------------------------------
+
+KERNEL_RULE_FACTOR = 2.0      # |kernel - ref64| <= 2 |naive same-dtype - ref64| + floor
+KERNEL_FLOOR_ULPS = 2         # floor: 2 ulp of the storage dtype at the reference's magnitude
+
+
+def dtype_ulp(values, torch_dtype):
+    """Spacing of the storage dtype at |values| (float64 array): 2^floor(log2 |v|) * eps_dtype, with |v| clamped
+    to the dtype's smallest normal."""
+    import torch
+
+    fi = torch.finfo(torch_dtype)
+    mag = np.maximum(np.abs(values), fi.tiny)
+    return np.exp2(np.floor(np.log2(mag))) * fi.eps
+
+
+def kernel_rule_violation(kernel, naive, ref64, torch_dtype) -> float:
+    """max over elements of |kernel - ref| / (2 |naive - ref| + 2 ulp(ref)); <= 1 means the rule holds.
+    NaN anywhere in the kernel output (where the reference is finite) counts as a violation."""
+    k = kernel.detach().double().cpu().numpy()
+    n = naive.detach().double().cpu().numpy()
+    if np.any(np.isnan(k) & np.isfinite(ref64)):
+        return np.inf
+    bound = KERNEL_RULE_FACTOR * np.abs(n - ref64) + KERNEL_FLOOR_ULPS * dtype_ulp(ref64, torch_dtype)
+    return float(np.max(np.abs(k - ref64) / bound)) if k.size else 0.0

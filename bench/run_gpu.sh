@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The one prepared GPU script: GPU-only tests (bf16 and TF32 natively, large shapes, CUDA graphs), then the
+# benchmarks against their peers, in one call. Results go to bench/results/ and, on the device machine, to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=bench/results
+mkdir -p "$RESULTS"
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 3
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv > "$RESULTS/device.txt" 2>&1
+python -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$RESULTS/gpu_tests.log"
+python -m pytest -q -p no:cacheprovider tests/test_kernels_sampler_step.py tests/test_kernels_noising.py \
+    tests/test_rng.py 2>&1 | tee "$RESULTS/kernel_tests_native.log"
+python bench/sampler_step.py --out "$RESULTS" 2>&1 | tee "$RESULTS/sampler_step.log"
+if [ -n "${OUT:-}" ]; then cp -r "$RESULTS"/. "$OUT"/; fi

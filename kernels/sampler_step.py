@@ -1,0 +1,187 @@
+"""Fused sampler step: one pass over memory applies one refdiff StepCoeffs stage (DESIGN.md §3).
+
+    m      = m_u + w (m_c - m_u)                        (classifier-free guidance, when m_c is given)
+    D      = c_x x + c_m m                              (model output -> data prediction)
+    x_next = a x + b D + c1 D_prev1 + c2 D_prev2 + d z  (z from a tensor, or Philox in-kernel)
+
+Storage fp32 / fp16 / bf16, arithmetic fp32 (each load is cast at once: this is also what keeps bf16 right under
+Triton's interpreter), one rounding at each store. Coefficients are scalars or per-row vectors (per-sample
+timesteps). In-kernel noise is ``tl.randn(seed, offset + b * N + j)`` at the row-major logical index, which
+``refdiff.rng.philox_normal`` reproduces. No host synchronisation: with scalar coefficients (or a device tensor of
+per-row ones) and in-kernel noise a step is capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check_device, check_grid, check_storage, row_layout
+
+__all__ = ["sampler_step", "COEFF_NAMES", "BLOCK"]
+
+BLOCK = 1024                  # elements per program: 4 KB of fp32 per operand, enough to hide latency
+COEFF_NAMES = ("c_x", "c_m", "a", "b", "c1", "c2", "d", "w")
+NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
+
+
+@triton.jit
+def _offset(j, n2, n3, s1, s2, s3, CONTIG: tl.constexpr):
+    """Memory offset of in-row logical index j for one tensor's inner strides (int64)."""
+    if CONTIG:
+        return j
+    i3 = j % n3
+    r = j // n3
+    return (r // n2) * s1 + (r % n2) * s2 + i3 * s3
+
+
+@triton.jit
+def _coef(ptr, scalar, k: tl.constexpr, row, n_rows, PER_ROW: tl.constexpr):
+    if PER_ROW:
+        return tl.load(ptr + k * n_rows + row)
+    return scalar
+
+
+@triton.jit
+def _sampler_step_kernel(
+    x_ptr, mu_ptr, mc_ptr, p1_ptr, p2_ptr, z_ptr,     # inputs: sample, model outputs (uncond, cond), history, noise
+    out_ptr, d_ptr,                                   # outputs: x_next, data prediction D
+    coef_ptr,                                         # (8, B) float32 per-row coefficients when PER_ROW
+    c_x, c_m, a, b, c1, c2, d, w,                     # scalar coefficients otherwise
+    n_rows, n_per_row, n2, n3,                        # logical layout (B, n1, n2, n3), n_per_row = n1 n2 n3
+    sx_b, sx_1, sx_2, sx_3,                           # strides of x (batch, inner)
+    su_b, su_1, su_2, su_3,                           # ... of m_u
+    sc_b, sc_1, sc_2, sc_3,                           # ... of m_c
+    sp1_b, sp1_1, sp1_2, sp1_3,                       # ... of D_prev1
+    sp2_b, sp2_1, sp2_2, sp2_3,                       # ... of D_prev2
+    sz_b, sz_1, sz_2, sz_3,                           # ... of z
+    so_b, so_1, so_2, so_3,                           # ... of x_next
+    sd_b, sd_1, sd_2, sd_3,                           # ... of D
+    seed, noise_offset,                               # Philox key and the offset of element (0, 0)
+    EVALUATE: tl.constexpr, HAS_COND: tl.constexpr, HAS_P1: tl.constexpr, HAS_P2: tl.constexpr,
+    NOISE: tl.constexpr, PER_ROW: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = j < n_per_row
+    x = tl.load(x_ptr + row * sx_b + _offset(j, n2, n3, sx_1, sx_2, sx_3, CONTIG), mask=mask).to(tl.float32)
+    acc = _coef(coef_ptr, a, 2, row, n_rows, PER_ROW) * x
+    if EVALUATE:
+        m = tl.load(mu_ptr + row * su_b + _offset(j, n2, n3, su_1, su_2, su_3, CONTIG), mask=mask).to(tl.float32)
+        if HAS_COND:
+            mc = tl.load(mc_ptr + row * sc_b + _offset(j, n2, n3, sc_1, sc_2, sc_3, CONTIG),
+                         mask=mask).to(tl.float32)
+            m = m + _coef(coef_ptr, w, 7, row, n_rows, PER_ROW) * (mc - m)
+        D = _coef(coef_ptr, c_x, 0, row, n_rows, PER_ROW) * x + _coef(coef_ptr, c_m, 1, row, n_rows, PER_ROW) * m
+        tl.store(d_ptr + row * sd_b + _offset(j, n2, n3, sd_1, sd_2, sd_3, CONTIG),
+                 D.to(d_ptr.dtype.element_ty), mask=mask)
+        acc += _coef(coef_ptr, b, 3, row, n_rows, PER_ROW) * D
+    if HAS_P1:
+        p1 = tl.load(p1_ptr + row * sp1_b + _offset(j, n2, n3, sp1_1, sp1_2, sp1_3, CONTIG), mask=mask)
+        acc += _coef(coef_ptr, c1, 4, row, n_rows, PER_ROW) * p1.to(tl.float32)
+    if HAS_P2:
+        p2 = tl.load(p2_ptr + row * sp2_b + _offset(j, n2, n3, sp2_1, sp2_2, sp2_3, CONTIG), mask=mask)
+        acc += _coef(coef_ptr, c2, 5, row, n_rows, PER_ROW) * p2.to(tl.float32)
+    if NOISE == 1:
+        z = tl.load(z_ptr + row * sz_b + _offset(j, n2, n3, sz_1, sz_2, sz_3, CONTIG), mask=mask).to(tl.float32)
+        acc += _coef(coef_ptr, d, 6, row, n_rows, PER_ROW) * z
+    if NOISE == 2:
+        z = tl.randn(seed, noise_offset + row * n_per_row + j)
+        acc += _coef(coef_ptr, d, 6, row, n_rows, PER_ROW) * z
+    tl.store(out_ptr + row * so_b + _offset(j, n2, n3, so_1, so_2, so_3, CONTIG),
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _coefficients(coeffs, n_rows, device):
+    """(scalars, per-row tensor or None): per-row when any coefficient is a vector or a tensor is given."""
+    if isinstance(coeffs, torch.Tensor):
+        if coeffs.shape != (len(COEFF_NAMES), n_rows) or coeffs.dtype != torch.float32:
+            raise ValueError(f"a coefficient tensor must be float32 of shape ({len(COEFF_NAMES)}, {n_rows})")
+        return [0.0] * len(COEFF_NAMES), coeffs
+    vals = [coeffs.get(k, 0.0) for k in COEFF_NAMES]
+    if any(np.ndim(v) for v in vals):
+        rows = []
+        for k, v in zip(COEFF_NAMES, vals):
+            v = np.asarray(v, dtype=np.float64)
+            if v.ndim == 1 and v.shape[0] != n_rows:
+                raise ValueError(f"per-row coefficient {k} has {v.shape[0]} entries for {n_rows} rows")
+            if v.ndim > 1:
+                raise ValueError(f"coefficient {k} must be a scalar or a (B,) vector, got shape {v.shape}")
+            rows.append(np.broadcast_to(v, (n_rows,)))
+        return [0.0] * len(COEFF_NAMES), torch.tensor(np.stack(rows), dtype=torch.float32, device=device)
+    return [float(v) for v in vals], None
+
+
+def sampler_step(x, coeffs, m_uncond=None, m_cond=None, d_prev1=None, d_prev2=None, noise=None, seed=None,
+                 noise_offset: int = 0, evaluate: bool = True, out=None, out_d=None):
+    """Apply one stage in one kernel launch: returns (x_next, D) (D is None for a model-free stage).
+
+    Parameters
+    ----------
+    x : (B, ...) tensor, fp32 / fp16 / bf16, any strides
+    coeffs : refdiff ``StepCoeffs`` (or a mapping with keys c_x, c_m, a, b, c1, c2, d, w), float64 scalars or
+        per-row (B,) vectors; or a float32 device tensor (8, B) in COEFF_NAMES order (graph-capturable)
+    m_uncond, m_cond : model outputs (m_cond and w give classifier-free guidance)
+    d_prev1, d_prev2 : history data predictions (needed where c1 / c2 are not zero)
+    noise : a tensor of standard normals, or ``seed`` (with ``noise_offset``) for in-kernel Philox
+    out, out_d : optional output tensors
+    """
+    if hasattr(coeffs, "_asdict"):
+        c = coeffs._asdict()
+        evaluate = bool(c.pop("evaluate", True)) and evaluate
+        c.pop("level", None)
+        coeffs = c
+    named = {"x": x, "m_uncond": m_uncond if evaluate else None, "m_cond": m_cond if evaluate else None,
+             "d_prev1": d_prev1, "d_prev2": d_prev2, "noise": noise, "out": out, "out_d": out_d if evaluate else None}
+    present = {k: v for k, v in named.items() if v is not None}
+    for k, v in present.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{k} must be a torch tensor, got {type(v).__name__}")
+    check_device(*present.values())
+    check_storage(present, "x")
+    if evaluate and m_uncond is None:
+        raise ValueError("this stage evaluates the model: pass m_uncond (the model output)")
+    if noise is not None and seed is not None:
+        raise ValueError("give the noise as a tensor or as a Philox seed, not both")
+    if seed is not None and not (0 <= int(seed) < 2 ** 63 and 0 <= int(noise_offset) < 2 ** 63):
+        raise ValueError("seed and noise_offset must lie in [0, 2^63)")
+    B = x.shape[0] if x.dim() else 0
+    scal, per_row = _coefficients(coeffs, B, x.device)
+    if not isinstance(coeffs, torch.Tensor):
+        need = {"c1": d_prev1, "c2": d_prev2}
+        for k, t in need.items():
+            if t is None and np.any(np.asarray(coeffs.get(k, 0.0)) != 0):
+                raise ValueError(f"coefficient {k} is not zero: pass {'d_prev1' if k == 'c1' else 'd_prev2'}")
+        if np.any(np.asarray(coeffs.get("d", 0.0)) != 0) and noise is None and seed is None:
+            raise ValueError("coefficient d is not zero: pass noise or a Philox seed")
+        if m_cond is not None and np.all(np.asarray(coeffs.get("w", 0.0)) == 0):
+            raise ValueError("m_cond given but the guidance scale w is 0 (set w, the diffusers-convention scale)")
+    out = torch.empty_like(x) if out is None else out
+    out_d = (torch.empty_like(x) if out_d is None else out_d) if evaluate else None
+    if x.numel() == 0:
+        return out, out_d
+    logical, lay = row_layout({"x": x, "m_uncond": named["m_uncond"], "m_cond": named["m_cond"], "d_prev1": d_prev1,
+                               "d_prev2": d_prev2, "noise": noise, "out": out, "out_d": out_d})
+    n_rows, n1, n2, n3 = logical
+    n_per_row = n1 * n2 * n3
+    contig = all(s[1:] == (0, 0, 1) or (s == (0, 0, 0, 0) and v is None) for v, s in lay.values()) and n1 == n2 == 1
+    blocks = triton.cdiv(n_per_row, BLOCK)
+    check_grid(blocks, n_rows)
+    dummy = lay["x"][0]
+    ptr = {k: (v if v is not None else dummy) for k, (v, _) in lay.items()}
+    strides = [lay[k][1] for k in ("x", "m_uncond", "m_cond", "d_prev1", "d_prev2", "noise", "out", "out_d")]
+    noise_mode = 1 if noise is not None else (2 if seed is not None else 0)
+    _sampler_step_kernel[(blocks, n_rows)](
+        ptr["x"], ptr["m_uncond"], ptr["m_cond"], ptr["d_prev1"], ptr["d_prev2"], ptr["noise"], ptr["out"],
+        ptr["out_d"], per_row if per_row is not None else torch.zeros(1, dtype=torch.float32, device=x.device),
+        *scal, n_rows, n_per_row, n2, n3, *[s for st in strides for s in st],
+        int(seed) if seed is not None else 0, int(noise_offset),
+        EVALUATE=evaluate, HAS_COND=named["m_cond"] is not None, HAS_P1=d_prev1 is not None,
+        HAS_P2=d_prev2 is not None, NOISE=noise_mode, PER_ROW=per_row is not None, CONTIG=contig, BLOCK=BLOCK)
+    if lay["out"][0] is not out:
+        out.copy_(lay["out"][0])
+    if evaluate and lay["out_d"][0] is not out_d:
+        out_d.copy_(lay["out_d"][0])
+    return out, out_d

@@ -1,0 +1,240 @@
+"""kernels.sampler_step and kernels.driver against refdiff.apply in float64, by the flash-attention error rule,
+under Triton's interpreter on CPU (natively on a GPU)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from kernels import driver  # noqa: E402
+from kernels import sampler_step as SS  # noqa: E402
+from refdiff import rng  # noqa: E402
+from refdiff import schedules as S  # noqa: E402
+from refdiff.convergence import oracle_model  # noqa: E402
+from refdiff.oracles import GaussianMixture  # noqa: E402
+from refdiff.samplers import (DDIM, DDPM, Churn, DPMSolver, DPMSolverPP, Euler, EulerAncestral, Grid, Heun,  # noqa: E402
+                              Level, SDEDPMSolverPP2M, UniPC, apply, step_coeffs)
+from refdiff.samplers.base import State  # noqa: E402
+from tolerances import kernel_rule_violation  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAMPLERS = [DDIM(), DDIM(0.7), DDPM(), Euler(Churn(4.0)), Heun(), EulerAncestral(), DPMSolver(2), DPMSolver(3),
+            DPMSolverPP(2), DPMSolverPP(3), SDEDPMSolverPP2M(), UniPC(2)]
+SHAPES = [(1, 1), (2, 77), (3, 97), (2, 3, 5, 7), (1, 4, 9, 11), (3, 2, 3, 4, 5)]
+SCHED = S.Cosine()
+
+
+def _grid(per_row_b=None, n=8):
+    if per_row_b is None:
+        return Grid.from_times(SCHED, S.log_snr_uniform_times(SCHED, n, 0.95, 0.02))
+    rs = np.random.default_rng(per_row_b)
+    t0, t1 = rs.uniform(0.8, 0.98, per_row_b), rs.uniform(0.01, 0.1, per_row_b)
+    times = np.stack([S.log_snr_uniform_times(SCHED, n, a, b) for a, b in zip(t0, t1)], axis=1)
+    return Grid([Level(t, SCHED.alpha(t), SCHED.sigma(t), SCHED.log_snr(t)) for t in times], SCHED)
+
+
+def naive(c, x, m=None, p1=None, p2=None, z=None, m_cond=None, w=None):
+    """The same stage in plain torch, every operation in the storage dtype (the rule's baseline)."""
+    def k(v):
+        v = torch.as_tensor(np.asarray(v, dtype=np.float64), dtype=x.dtype, device=x.device)
+        return v.reshape((-1,) + (1,) * (x.dim() - 1)) if v.dim() == 1 else v
+
+    out = k(c.a) * x
+    D = None
+    if c.evaluate:
+        mm = m if m_cond is None else m + k(w) * (m_cond - m)
+        D = k(c.c_x) * x + k(c.c_m) * mm
+        out = out + k(c.b) * D
+    if p1 is not None:
+        out = out + k(c.c1) * p1
+    if p2 is not None:
+        out = out + k(c.c2) * p2
+    if z is not None:
+        out = out + k(c.d) * z
+    return out, D
+
+
+def _view(t, layout):
+    if layout == "transposed" and t.dim() >= 3:
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)        # same values, non-contiguous strides
+    if layout == "batch_slice":
+        return torch.cat([t, t], 0)[::2]
+    if layout == "offset":
+        flat = torch.cat([torch.zeros(1, dtype=t.dtype, device=t.device), t.reshape(-1)])
+        return flat[1:].reshape(t.shape)                                   # storage offset 1: misaligned
+    return t
+
+
+def _case(sampler, step, shape, dtype, layout, per_row, guided, seed):
+    g = torch.Generator().manual_seed(seed)
+    B = shape[0]
+    grid = _grid(B if per_row else None)
+    state = State(step=step, history=(0, 0), orders=tuple([1] * step))
+    stages = step_coeffs(sampler, grid, state)
+    c = stages[seed % len(stages)]
+    dt = DTYPES[dtype]
+
+    def rnd():
+        return _view(torch.randn(shape, generator=g, dtype=torch.float64).to(dt).to(DEVICE), layout)
+
+    x, m_u, p1, p2, z = rnd(), rnd(), rnd(), rnd(), rnd()
+    m_c = rnd() if guided and c.evaluate else None
+    w = 3.5 if m_c is not None else None
+    uses = dict(p1=np.any(np.asarray(c.c1) != 0), p2=np.any(np.asarray(c.c2) != 0), z=np.any(np.asarray(c.d) != 0))
+    args = dict(d_prev1=p1 if uses["p1"] else None, d_prev2=p2 if uses["p2"] else None,
+                noise=z if uses["z"] else None)
+    coeffs = c._asdict()
+    if w is not None:
+        coeffs["w"] = w
+    coeffs["evaluate"] = c.evaluate
+    return c, coeffs, x, (m_u if c.evaluate else None), m_c, w, args
+
+
+def _f64(t):
+    return None if t is None else t.double().cpu().numpy()
+
+
+@settings(max_examples=60)
+@given(sampler=st.sampled_from(SAMPLERS), step=st.integers(0, 7), shape=st.sampled_from(SHAPES),
+       dtype=st.sampled_from(list(DTYPES)), layout=st.sampled_from(["contiguous", "transposed", "batch_slice", "offset"]),
+       per_row=st.booleans(), guided=st.booleans(), seed=st.integers(0, 10_000))
+def test_kernel_follows_the_error_rule(sampler, step, shape, dtype, layout, per_row, guided, seed):
+    c, coeffs, x, m_u, m_c, w, args = _case(sampler, step, shape, dtype, layout, per_row, guided, seed)
+    cc = dict(coeffs)
+    evaluate = cc.pop("evaluate")
+    out, D = SS.sampler_step(x, cc, m_uncond=m_u, m_cond=m_c, evaluate=evaluate, **args)
+    ref, Dref = apply(c, _f64(x), _f64(m_u), _f64(args["d_prev1"]), _f64(args["d_prev2"]), _f64(args["noise"]),
+                      m_cond=_f64(m_c), guidance=w)
+    nv, nD = naive(c, x, m_u, args["d_prev1"], args["d_prev2"], args["noise"], m_c, w)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert kernel_rule_violation(out, nv, ref, x.dtype) <= 1.0
+    if c.evaluate:
+        assert kernel_rule_violation(D, nD, Dref, x.dtype) <= 1.0
+
+
+@pytest.mark.parametrize("offset", [0, 5, 2 ** 32 + 3, 2 ** 40])
+@pytest.mark.parametrize("seed", [0, 2 ** 33 + 1])
+def test_in_kernel_noise_is_refdiff_rng(seed, offset):
+    x = torch.zeros((3, 5, 7), device=DEVICE)
+    out, _ = SS.sampler_step(x, {"a": 0.0, "d": 1.0}, seed=seed, noise_offset=offset, evaluate=False)
+    want = rng.philox_normal(seed, offset + np.arange(x.numel())).reshape(x.shape)
+    ulp = np.abs(out.cpu().numpy().view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64))
+    assert ulp.max() <= 2                  # exact under the interpreter; libdevice log / cos on a GPU
+
+
+def test_in_kernel_noise_follows_the_logical_index_for_any_layout():
+    x = torch.zeros((2, 6, 4), device=DEVICE).transpose(1, 2)             # non-contiguous output
+    out, _ = SS.sampler_step(x, {"a": 0.0, "d": 1.0}, seed=9, evaluate=False)
+    want = rng.philox_normal(9, np.arange(48)).reshape(2, 4, 6)
+    np.testing.assert_array_equal(out.contiguous().cpu().numpy(), want)
+
+
+@pytest.mark.parametrize("sampler", [DDIM(), DPMSolverPP(2)], ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_whole_trajectories_follow_the_rule_at_every_step(sampler, dtype):
+    gmm = GaussianMixture([0.5, 0.5], [[1.0, -0.5, 0.2], [-1.0, 0.5, 0.0]], [np.eye(3) * 0.3] * 2)
+    model_np = oracle_model(gmm)
+    dt = DTYPES[dtype]
+
+    def model(x, level):
+        return torch.as_tensor(model_np(x.double().cpu().numpy(), level), dtype=dt, device=DEVICE)
+
+    grid = _grid(n=12)
+    x = torch.randn((5, 3), generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dt).to(DEVICE)
+    res = driver.sample(sampler, model, grid, x, record=True)
+    assert len(res.stages) == 12
+    h1 = h2 = None
+    for _, c, inp in res.stages:
+        out, D = SS.sampler_step(inp["x"], c, m_uncond=inp["m_uncond"], d_prev1=inp["d_prev1"],
+                                 d_prev2=inp["d_prev2"])
+        ref, Dref = apply(c, _f64(inp["x"]), _f64(inp["m_uncond"]), _f64(inp["d_prev1"]), _f64(inp["d_prev2"]))
+        nv, nD = naive(c, inp["x"], inp["m_uncond"], inp["d_prev1"], inp["d_prev2"])
+        assert kernel_rule_violation(out, nv, ref, dt) <= 1.0
+        assert kernel_rule_violation(D, nD, Dref, dt) <= 1.0
+    assert torch.isfinite(res.x).all()
+
+
+def test_driver_with_in_kernel_noise_reproduces_refdiff():
+    """Euler ancestral driven by the kernel with Philox noise equals refdiff's coefficient form fed the same draws."""
+    from refdiff.solve import sample as ref_sample
+
+    gmm = GaussianMixture([1.0], [[0.3, -0.2]], [np.eye(2) * 0.5])
+    model_np = oracle_model(gmm)
+    grid = _grid(n=6)
+    x = torch.randn((4, 2), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def model(u, level):
+        return torch.as_tensor(model_np(u.double().cpu().numpy(), level), dtype=torch.float32, device=DEVICE)
+
+    res = driver.sample(EulerAncestral(), model, grid, x, seed=11)
+    offsets = iter(driver.philox_noise_offsets(EulerAncestral(), grid, x.numel()))
+    draws = lambda: rng.philox_normal(11, next(offsets) + np.arange(8)).reshape(4, 2).astype(np.float64)  # noqa
+    ref = ref_sample(EulerAncestral(), model_np, grid, x.double().cpu().numpy(), noise=draws, mode="coeffs")
+    # float32 storage and arithmetic in the kernel: a few eps32 of |x| per step, over 6 steps
+    np.testing.assert_allclose(res.x.double().cpu().numpy(), ref.x, rtol=0, atol=64 * 1.2e-7 * np.abs(ref.x).max())
+
+
+# -- bad input, empty tensors, int64 offsets ---------------------------------------------------------------
+
+def test_empty_tensors_return_empty_without_launch(monkeypatch):
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("a zero-size grid was launched")
+
+    monkeypatch.setattr(SS, "_sampler_step_kernel", NoLaunch())
+    x = torch.zeros((0, 4), device=DEVICE)
+    out, D = SS.sampler_step(x, {"a": 1.0, "b": 1.0, "c_m": 1.0}, m_uncond=x)
+    assert out.shape == (0, 4) and D.shape == (0, 4)
+
+
+def test_expanded_inputs_are_materialised():
+    x = torch.randn((1, 6), device=DEVICE).expand(3, 6)
+    m = torch.randn((3, 6), device=DEVICE)
+    out, D = SS.sampler_step(x, {"a": 0.5, "b": 1.0, "c_x": 1.0, "c_m": 2.0}, m_uncond=m)
+    ref = 0.5 * x + (x + 2.0 * m)
+    torch.testing.assert_close(out, ref, rtol=2e-7, atol=2e-7)
+
+
+def test_bad_input_is_refused_before_launch(monkeypatch):
+    x = torch.zeros((2, 5), device=DEVICE)
+    c = {"a": 1.0, "b": 1.0, "c_m": 1.0}
+    with pytest.raises(ValueError, match=r"shape \(2, 4\) but x has shape \(2, 5\)"):
+        SS.sampler_step(x, c, m_uncond=torch.zeros((2, 4), device=DEVICE))
+    with pytest.raises(ValueError, match="dtype"):
+        SS.sampler_step(x, c, m_uncond=torch.zeros((2, 5), dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        SS.sampler_step(x.double(), c, m_uncond=x.double())
+    with pytest.raises(ValueError, match="m_uncond"):
+        SS.sampler_step(x, c)
+    with pytest.raises(ValueError, match="d_prev1"):
+        SS.sampler_step(x, {**c, "c1": 0.5}, m_uncond=x)
+    with pytest.raises(ValueError, match="noise"):
+        SS.sampler_step(x, {**c, "d": 0.5}, m_uncond=x)
+    with pytest.raises(ValueError, match="per-row coefficient b has 3 entries"):
+        SS.sampler_step(x, {**c, "b": np.ones(3)}, m_uncond=x)
+    with pytest.raises(ValueError, match="same device"):
+        SS.sampler_step(x, c, m_uncond=torch.zeros((2, 5), device="meta"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if DEVICE == "cpu":
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            SS.sampler_step(x, c, m_uncond=x)
+
+
+def test_int64_offset_probe():
+    """Row offsets row * stride_b and in-row indices past 2^31 are formed in int64 (they wrap in int32)."""
+    from kernel_probes import offset_probe_kernel
+
+    block = 16
+    out = torch.zeros((3, block), dtype=torch.int64, device=DEVICE)
+    stride_b, j0 = 2 ** 31 - 1, 2 ** 31 + 5
+    n2, n3, s1, s2, s3 = 7, 11, 3 * 2 ** 29, 13, 1
+    for contig in (True, False):
+        offset_probe_kernel[(1, 3)](out, stride_b, j0, n2, n3, s1, s2, s3, CONTIG=contig, BLOCK=block)
+        j = j0 + np.arange(block)
+        inner = j if contig else (j // n3 // n2) * s1 + (j // n3 % n2) * s2 + (j % n3) * s3
+        want = np.arange(3)[:, None] * stride_b + inner[None]
+        np.testing.assert_array_equal(out.cpu().numpy(), want)
