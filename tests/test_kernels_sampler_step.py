@@ -238,3 +238,52 @@ def test_int64_offset_probe():
         inner = j if contig else (j // n3 // n2) * s1 + (j // n3 % n2) * s2 + (j % n3) * s3
         want = np.arange(3)[:, None] * stride_b + inner[None]
         np.testing.assert_array_equal(out.cpu().numpy(), want)
+
+
+# -- non-affine extras through per-row reductions ----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", [(2, 77), (3, 4, 9, 11)])
+def test_cfg_rescale_follows_the_error_rule(dtype, shape):
+    from refdiff import guidance as G
+
+    dt = DTYPES[dtype]
+    g = torch.Generator().manual_seed(3)
+    x, mu, mc = (torch.randn(shape, generator=g, dtype=torch.float64).to(dt).to(DEVICE) for _ in range(3))
+    c = {"c_x": 1.3, "c_m": -0.6, "a": 0.4, "b": 0.8, "w": 6.0}
+    out, D = SS.sampler_step(x, c, m_uncond=mu, m_cond=mc, cfg_rescale=0.7)
+    X, U, C = (_f64(t) for t in (x, mu, mc))
+    m_res = G.cfg_rescale(G.cfg(U, C, 6.0, "diffusers"), C, 0.7)
+    ref = 0.4 * X + 0.8 * (1.3 * X - 0.6 * m_res)
+    # naive: diffusers' rescale_noise_cfg in the storage dtype
+    m_cfg = mu + 6.0 * (mc - mu)
+    dims = tuple(range(1, x.dim()))
+    m_n = 0.7 * m_cfg * (mc.std(dim=dims, keepdim=True) / m_cfg.std(dim=dims, keepdim=True)) + 0.3 * m_cfg
+    naive_out = 0.4 * x + 0.8 * (1.3 * x - 0.6 * m_n)
+    assert kernel_rule_violation(out, naive_out, ref, dt) <= 1.0
+
+
+def test_dynamic_thresholding_matches_refdiff():
+    from refdiff import guidance as G
+
+    g = torch.Generator().manual_seed(4)
+    x, mu, mc = (3 * torch.randn((3, 4, 6, 5), generator=g).to(DEVICE) for _ in range(3))
+    c = {"c_x": 1.1, "c_m": -0.5, "a": 0.3, "b": 0.9, "w": 4.0}
+    out, D = SS.sampler_step(x, c, m_uncond=mu, m_cond=mc, threshold=(0.95, 1.0))
+    X, U, C = (_f64(t) for t in (x, mu, mc))
+    Dt = G.dynamic_threshold(1.1 * X - 0.5 * G.cfg(U, C, 4.0, "diffusers"), 0.95, 1.0)
+    assert np.abs(D.double().cpu().numpy()).max() <= 1.0 + 1e-6
+    # float32 D and its quantile: a few eps32 of the clipped values (|D| <= 1) and of |a x|
+    np.testing.assert_allclose(_f64(D), Dt, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_f64(out), 0.3 * X + 0.9 * Dt, rtol=0, atol=1e-5 * (1 + np.abs(X).max()))
+
+
+def test_rescale_and_threshold_bad_input():
+    x = torch.zeros((2, 5), device=DEVICE)
+    c = {"a": 1.0, "b": 1.0, "c_m": 1.0, "w": 2.0}
+    with pytest.raises(ValueError, match="m_cond"):
+        SS.sampler_step(x, c, m_uncond=x, cfg_rescale=0.5)
+    with pytest.raises(ValueError, match="phi"):
+        SS.sampler_step(x, c, m_uncond=x, m_cond=x, cfg_rescale=1.5)
+    with pytest.raises(ValueError, match="percentile"):
+        SS.sampler_step(x, c, m_uncond=x, threshold=(1.5, 1.0))
