@@ -4,6 +4,7 @@ run at offsets past 2^31 without allocating 2^31 elements."""
 import triton
 import triton.language as tl
 
+from kernels.attention import _head_offset
 from kernels.sampler_step import _offset
 
 
@@ -19,3 +20,11 @@ def offset_probe_kernel(
     j = j0 + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     off = row * stride_b + _offset(j, n2, n3, s1, s2, s3, CONTIG)
     tl.store(out_ptr + row * BLOCK + tl.arange(0, BLOCK), off)
+
+
+@triton.jit
+def head_offset_probe_kernel(out_ptr, H, s_b, s_h, s_n, n0, BLOCK: tl.constexpr):
+    """The attention kernel's offsets: head base for program (., bh) plus query rows n0 + arange, in int64."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = n0 + tl.arange(0, BLOCK).to(tl.int64)
+    tl.store(out_ptr + bh * BLOCK + tl.arange(0, BLOCK), _head_offset(bh, H, s_b, s_h) + rows * s_n)

@@ -1,0 +1,214 @@
+"""Flash attention forward in Triton for diffusion shapes (DESIGN.md §5b): online softmax, any strides (the
+(B, N, H, d) layout diffusers uses is read in place), any N_q / N_k (masked tails; N_k = 77 cross-attention),
+head dims up to 256 including 40, 72, 80, 160 without padding to the next power of two, fp16 / bf16 / fp32
+(fp32 with an explicit input_precision), and the log-sum-exp.
+
+Head dim d = D1 + tail: D1 the largest power of two <= d (at least 16), the tail padded to a power of two >= 16
+(72 = 64 + 16, 80 = 64 + 16, 40 = 32 + 16, 160 = 128 + 32): q k^T is two tl.dot's and the output two accumulators,
+so d = 72 does 80 columns of work, not 128. Under Triton's interpreter the dot operands are upcast to fp32 (its
+bf16 arithmetic is wrong; products of fp16 / bf16 values are exact in fp32, so only the summation order differs
+from tensor cores). Backward passes are not part of this module yet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import MAX_GRID_Y, check_device, interpreter_active
+
+__all__ = ["attention", "head_dim_split", "MAX_HEAD_DIM", "PRECISIONS"]
+
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)         # the kernel works in exp2; lse is returned in natural log
+PRECISIONS = ("ieee", "tf32")
+MIN_DOT = 16                      # tl.dot needs every dimension >= 16
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, pruned per head dim; one fixed config under the interpreter
+CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 32, 4, 3)]
+INTERPRETER_CONFIG = (64, 64, 4, 1)
+
+
+def head_dim_split(d: int):
+    """(D1, D2): the power-of-two chunk and the padded tail (0 when d is a power of two >= 16)."""
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must lie in [1, {MAX_HEAD_DIM}], got {d}")
+    d1 = max(MIN_DOT, 1 << (d.bit_length() - 1))
+    rest = d - d1
+    d2 = 0 if rest <= 0 else max(MIN_DOT, 1 << (rest - 1).bit_length())
+    return d1, d2
+
+
+@triton.jit
+def _head_offset(bh, H, s_b, s_h):
+    """Offset of head (b, h) = (bh // H, bh % H) in int64 (bh is int64: b * s_b passes 2^31 for large tensors)."""
+    return (bh // H) * s_b + (bh % H) * s_h
+
+
+@triton.jit
+def _load_chunk(ptr, rows, row_stride, cols, col_stride, row_limit, col_limit):
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride,
+                   mask=(rows[:, None] < row_limit) & (cols[None, :] < col_limit), other=0.0)
+
+
+@triton.jit
+def _attn_block(q1, q2, k_base, v_base, offs_n, sk_n, sk_d, sv_n, sv_d, N_K, qk_scale, m_i, l_i, acc1, acc2,
+                HEAD_D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """One key block of the online softmax (Dao 2023, Alg. 1, in the exp2 domain)."""
+    d1 = tl.arange(0, D1)
+    kt1 = tl.trans(_load_chunk(k_base, offs_n, sk_n, d1, sk_d, N_K, HEAD_D))
+    if UPCAST:
+        kt1 = kt1.to(tl.float32)
+    s = tl.dot(q1, kt1, input_precision=PRECISION)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        kt2 = tl.trans(_load_chunk(k_base, offs_n, sk_n, d2, sk_d, N_K, HEAD_D))
+        if UPCAST:
+            kt2 = kt2.to(tl.float32)
+        s += tl.dot(q2, kt2, input_precision=PRECISION)
+    s = tl.where(offs_n[None, :] < N_K, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v1 = _load_chunk(v_base, offs_n, sv_n, d1, sv_d, N_K, HEAD_D)
+    if UPCAST:
+        pv = p
+        v1 = v1.to(tl.float32)
+    else:
+        pv = p.to(v1.dtype)
+    acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision=PRECISION)
+    if D2 > 0:
+        v2 = _load_chunk(v_base, offs_n, sv_n, D1 + tl.arange(0, D2), sv_d, N_K, HEAD_D)
+        if UPCAST:
+            v2 = v2.to(tl.float32)
+        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2, input_precision=PRECISION)
+    return m_new, l_i, acc1, acc2
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,                                  # tensors; LSE is float32 (B, H, N_q)
+    qk_scale,                                         # softmax scale * log2(e) (exp2 domain)
+    sq_b, sq_h, sq_n, sq_d,                           # strides of q
+    sk_b, sk_h, sk_n, sk_d,                           # ... of k
+    sv_b, sv_h, sv_n, sv_d,                           # ... of v
+    so_b, so_h, so_n, so_d,                           # ... of the output
+    sl_b, sl_h,                                       # ... of lse (query stride 1)
+    H, N_Q, N_K,
+    HEAD_D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    q_base = Q + _head_offset(bh, H, sq_b, sq_h)
+    k_base = K + _head_offset(bh, H, sk_b, sk_h)
+    v_base = V + _head_offset(bh, H, sv_b, sv_h)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N).to(tl.int64)
+    d1 = tl.arange(0, D1)
+    q1 = _load_chunk(q_base, offs_m, sq_n, d1, sq_d, N_Q, HEAD_D)
+    if UPCAST:
+        q1 = q1.to(tl.float32)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        q2 = _load_chunk(q_base, offs_m, sq_n, d2, sq_d, N_Q, HEAD_D)
+        if UPCAST:
+            q2 = q2.to(tl.float32)
+    else:
+        q2 = q1                                          # unused placeholder (no tail)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, D2 if D2 > 0 else 16], tl.float32)
+    if WHILE_LOOP:
+        # Triton 3.6's interpreter cannot bound a for-loop by a runtime scalar; a while loop it can
+        start = 0
+        while start < N_K:
+            m_i, l_i, acc1, acc2 = _attn_block(q1, q2, k_base, v_base, start + offs_n0, sk_n, sk_d, sv_n, sv_d,
+                                               N_K, qk_scale, m_i, l_i, acc1, acc2, HEAD_D, D1, D2, UPCAST,
+                                               PRECISION)
+            start += BLOCK_N
+    else:
+        for start in range(0, N_K, BLOCK_N):             # a for-loop, so that the compiler pipelines the loads
+            m_i, l_i, acc1, acc2 = _attn_block(q1, q2, k_base, v_base, start + offs_n0, sk_n, sk_d, sv_n, sv_d,
+                                               N_K, qk_scale, m_i, l_i, acc1, acc2, HEAD_D, D1, D2, UPCAST,
+                                               PRECISION)
+    inv = 1.0 / l_i
+    o_base = O + _head_offset(bh, H, so_b, so_h)
+    mask_m = offs_m[:, None] < N_Q
+    tl.store(o_base + offs_m[:, None] * so_n + d1[None, :] * so_d, (acc1 * inv[:, None]).to(O.dtype.element_ty),
+             mask=mask_m & (d1[None, :] < HEAD_D))
+    if D2 > 0:
+        tl.store(o_base + offs_m[:, None] * so_n + d2[None, :] * so_d, (acc2 * inv[:, None]).to(O.dtype.element_ty),
+                 mask=mask_m & (d2[None, :] < HEAD_D))
+    tl.store(LSE + _head_offset(bh, H, sl_b, sl_h) + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=offs_m < N_Q)
+
+
+def _config(d1, d2, dtype):
+    if interpreter_active():
+        return INTERPRETER_CONFIG
+    width = d1 + d2
+    # keep the q tile, two k / v tiles and the accumulators within shared memory / registers for wide heads
+    for bm, bn, warps, stages in CONFIGS:
+        if width > 128 and (bn > 32 or warps < 4):
+            continue
+        if width <= 128 and bm * bn < 64 * 64:
+            continue
+        return bm, bn, warps, stages
+    return CONFIGS[-1]
+
+
+def attention(q, k, v, scale=None, return_lse: bool = False, input_precision: str | None = None, out=None,
+              lse=None):
+    """softmax(scale q k^T) v for (B, H, N, d) tensors of any strides; scale defaults to 1 / sqrt(d).
+
+    fp32 inputs need ``input_precision`` ("ieee": exact fp32 products; "tf32": tensor-core TF32), since the two
+    differ by ~1e-3 relative. Returns out (and the natural-log lse (B, H, N_q) float32 with ``return_lse``).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D torch tensor (B, H, N, d)")
+    check_device(q, k, v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention takes float16, bfloat16 or float32, got {q.dtype}")
+    B, H, NQ, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head dim")
+    if v.shape != k.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    NK = k.shape[2]
+    d1, d2 = head_dim_split(D)
+    if q.dtype == torch.float32:
+        if input_precision not in PRECISIONS:
+            raise ValueError(f"fp32 attention needs input_precision in {PRECISIONS} (TF32 differs by ~1e-3)")
+    elif input_precision not in (None, "ieee"):
+        raise ValueError("input_precision applies to fp32 inputs only")
+    precision = "ieee" if interpreter_active() else (input_precision or "ieee")
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device) if lse is None else lse
+    if out.shape != q.shape or lse.shape != (B, H, NQ):
+        raise ValueError("out must match q and lse must be (B, H, N_q)")
+    if q.numel() == 0 or NK == 0:
+        if NK == 0 and q.numel():
+            raise ValueError("attention over zero keys is undefined")
+        return (out, lse) if return_lse else out
+    if B * H > MAX_GRID_Y:
+        raise ValueError(f"B * H = {B * H} exceeds the grid's axis-1 limit {MAX_GRID_Y}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    bm, bn, warps, stages = _config(d1, d2, q.dtype)
+    grid = (triton.cdiv(NQ, bm), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, scale * LOG2E, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        lse.stride(0), lse.stride(1), H, NQ, NK,
+        HEAD_D=D, D1=d1, D2=d2, BLOCK_M=bm, BLOCK_N=bn, UPCAST=interpreter_active(), PRECISION=precision,
+        WHILE_LOOP=interpreter_active(), num_warps=warps, num_stages=stages)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,114 @@
+"""kernels.attention (forward) against refdiff.attention in float64, by the flash-attention error rule."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from kernels import attention as KA  # noqa: E402
+from refdiff.attention import attention as ref_attention  # noqa: E402
+from tolerances import kernel_rule_violation  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+LENGTHS = [1, 2, 15, 77, 97, 128, 129, 257]
+HEAD_DIMS = [16, 32, 40, 64, 72, 80, 96, 128, 160]
+
+
+def _inputs(B, H, NQ, NK, d, dtype, scale, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def mk(n):
+        t = (scale * torch.randn((B, n, H, d), generator=g, dtype=torch.float64)).to(dtype).to(DEVICE)
+        return t.transpose(1, 2) if layout == "BNHD" else t.transpose(1, 2).contiguous()
+    return mk(NQ), mk(NK), mk(NK)
+
+
+def naive(q, k, v, scale):
+    """Plain torch in the storage dtype (FlashAttention's attention_ref without upcasting)."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    return torch.softmax(s, dim=-1) @ v, torch.logsumexp(s, dim=-1)
+
+
+def _check(q, k, v, precision=None):
+    d = q.shape[-1]
+    out = torch.full_like(q, float("nan"))                                 # NaN-poisoned: unwritten rows fail
+    lse = torch.full(q.shape[:3], float("nan"), device=DEVICE)
+    KA.attention(q, k, v, return_lse=True, input_precision=precision, out=out, lse=lse)
+    ref = ref_attention(*(t.double().cpu().numpy() for t in (q, k, v)))
+    n_out, n_lse = naive(q, k, v, 1.0 / math.sqrt(d))
+    return (kernel_rule_violation(out, n_out, ref.out, q.dtype),
+            kernel_rule_violation(lse, n_lse, ref.lse, q.dtype))
+
+
+@settings(max_examples=40)
+@given(B=st.integers(1, 2), H=st.integers(1, 2), NQ=st.sampled_from(LENGTHS), NK=st.sampled_from(LENGTHS),
+       d=st.sampled_from(HEAD_DIMS), dtype=st.sampled_from(list(DTYPES)), scale=st.sampled_from([0.1, 1.0, 3.0, 10.0]),
+       layout=st.sampled_from(["BHND", "BNHD"]), seed=st.integers(0, 1000))
+def test_forward_follows_the_error_rule(B, H, NQ, NK, d, dtype, scale, layout, seed):
+    q, k, v = _inputs(B, H, NQ, NK, d, DTYPES[dtype], scale, layout, seed)
+    v_out, v_lse = _check(q, k, v, "ieee" if dtype == "float32" else None)
+    assert v_out <= 1.0 and v_lse <= 1.0
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_all_equal_keys_give_the_mean_of_v(dtype):
+    q, k, v = _inputs(1, 2, 33, 77, 40, DTYPES[dtype], 1.0, "BHND", 1)
+    k = k[:, :, :1].expand_as(k).contiguous()
+    out = KA.attention(q, k, v, input_precision="ieee" if dtype == "float32" else None)
+    mean = v.double().mean(dim=2, keepdim=True).expand_as(q)
+    # p = 1 / N_k exactly in every format; the mean of v is formed in fp32: a few ulp of the storage dtype
+    torch.testing.assert_close(out.double(), mean, rtol=0, atol=4 * torch.finfo(DTYPES[dtype]).eps)
+
+
+def test_single_key_and_huge_logits():
+    q, k, v = _inputs(1, 1, 17, 1, 64, torch.float16, 1.0, "BHND", 2)
+    torch.testing.assert_close(KA.attention(q, k, v), v.expand_as(q), rtol=0, atol=0)
+    q, k, v = _inputs(1, 1, 20, 50, 72, torch.bfloat16, 30.0, "BHND", 3)       # logits ~ 1e4: no overflow
+    out, lse = KA.attention(q, k, v, return_lse=True)
+    ref = ref_attention(*(t.double().cpu().numpy() for t in (q, k, v)))
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    np.testing.assert_allclose(lse.double().cpu().numpy(), ref.lse, rtol=1e-6)
+    np.testing.assert_allclose(out.double().cpu().numpy(), ref.out, rtol=0, atol=0.02 * 30)
+
+
+@pytest.mark.parametrize("d,split", [(40, (32, 16)), (72, (64, 16)), (80, (64, 16)), (160, (128, 32)),
+                                     (64, (64, 0)), (96, (64, 32)), (8, (16, 0)), (256, (256, 0))])
+def test_head_dim_split_avoids_padding_to_the_next_power_of_two(d, split):
+    assert KA.head_dim_split(d) == split
+
+
+def test_bad_input():
+    q = torch.zeros((1, 2, 5, 16), device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="batch, heads or head dim"):
+        KA.attention(q, torch.zeros((1, 3, 5, 16), device=DEVICE, dtype=torch.float16), q)
+    with pytest.raises(ValueError, match="same shape"):
+        KA.attention(q, q, torch.zeros((1, 2, 4, 16), device=DEVICE, dtype=torch.float16))
+    with pytest.raises(ValueError, match="head dim"):
+        big = torch.zeros((1, 1, 2, 300), device=DEVICE, dtype=torch.float16)
+        KA.attention(big, big, big)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        KA.attention(q, q.float(), q)
+    with pytest.raises(ValueError, match="input_precision"):
+        KA.attention(q.float(), q.float(), q.float())
+    with pytest.raises(ValueError, match="same device"):
+        KA.attention(q, q.to("meta"), q)
+    empty = torch.zeros((0, 2, 5, 16), device=DEVICE, dtype=torch.float16)
+    assert KA.attention(empty, empty, empty).shape == (0, 2, 5, 16)
+
+
+def test_int64_offset_probe():
+    from kernel_probes import head_offset_probe_kernel
+
+    block, H = 8, 3
+    s_b, s_h, s_n, n0 = 2 ** 31 + 17, 2 ** 30 + 1, 5 * 2 ** 20, 2 ** 12
+    out = torch.zeros((2 * H, block), dtype=torch.int64, device=DEVICE)
+    head_offset_probe_kernel[(1, 2 * H)](out, H, s_b, s_h, s_n, n0, BLOCK=block)
+    bh = np.arange(2 * H)[:, None]
+    want = (bh // H) * s_b + (bh % H) * s_h + (n0 + np.arange(block))[None] * s_n
+    np.testing.assert_array_equal(out.cpu().numpy(), want)
