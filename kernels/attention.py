@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._launch import MAX_GRID_Y, check_device, interpreter_active
 
-__all__ = ["attention", "head_dim_split", "MAX_HEAD_DIM", "PRECISIONS"]
+__all__ = ["attention", "attention_autograd", "attention_backward", "head_dim_split", "MAX_HEAD_DIM", "PRECISIONS"]
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -212,3 +212,218 @@ def attention(q, k, v, scale=None, return_lse: bool = False, input_precision: st
         HEAD_D=D, D1=d1, D2=d2, BLOCK_M=bm, BLOCK_N=bn, UPCAST=interpreter_active(), PRECISION=precision,
         WHILE_LOOP=interpreter_active(), num_warps=warps, num_stages=stages)
     return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------------------------------------
+# backward (FlashAttention-2, Dao 2023, Alg. 2): dK, dV by key block over all queries; dQ by query block
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot_d(a1, a2, b1, b2, D2: tl.constexpr, PRECISION: tl.constexpr):
+    """a b^T over the head dim split into (D1, D2) chunks: a (M, D), b (N, D) -> (M, N)."""
+    out = tl.dot(a1, tl.trans(b1), input_precision=PRECISION)
+    if D2 > 0:
+        out += tl.dot(a2, tl.trans(b2), input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _load_split(base, rows, s_n, s_d, n_limit, HEAD_D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                UPCAST: tl.constexpr):
+    a1 = _load_chunk(base, rows, s_n, tl.arange(0, D1), s_d, n_limit, HEAD_D)
+    if UPCAST:
+        a1 = a1.to(tl.float32)
+    if D2 > 0:
+        a2 = _load_chunk(base, rows, s_n, D1 + tl.arange(0, D2), s_d, n_limit, HEAD_D)
+        if UPCAST:
+            a2 = a2.to(tl.float32)
+    else:
+        a2 = a1
+    return a1, a2
+
+
+@triton.jit
+def _probs(q1, q2, k1, k2, lse, offs_m, offs_n, N_Q, N_K, qk_scale, D2: tl.constexpr, PRECISION: tl.constexpr):
+    """P = exp(scale q k^T - lse) for a (query block, key block) tile, 0 outside the valid rows / columns."""
+    s = _dot_d(q1, q2, k1, k2, D2, PRECISION)
+    p = tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
+    valid = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
+    return tl.where(valid, p, 0.0)
+
+
+@triton.jit
+def _dkdv_block(q_base, do_base, lse_base, delta_base, offs_m, k1, k2, v1, v2, offs_n, dk1, dk2, dv1, dv2,
+                sq_n, sq_d, sdo_n, sdo_d, N_Q, N_K, qk_scale, HEAD_D: tl.constexpr, D1: tl.constexpr,
+                D2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    q1, q2 = _load_split(q_base, offs_m, sq_n, sq_d, N_Q, HEAD_D, D1, D2, UPCAST)
+    do1, do2 = _load_split(do_base, offs_m, sdo_n, sdo_d, N_Q, HEAD_D, D1, D2, UPCAST)
+    lse = tl.load(lse_base + offs_m, mask=offs_m < N_Q, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=offs_m < N_Q, other=0.0)
+    p = _probs(q1, q2, k1, k2, lse, offs_m, offs_n, N_Q, N_K, qk_scale, D2, PRECISION)
+    pt = tl.trans(p).to(do1.dtype)
+    dv1 += tl.dot(pt, do1, input_precision=PRECISION)
+    if D2 > 0:
+        dv2 += tl.dot(pt, do2, input_precision=PRECISION)
+    dp = _dot_d(do1, do2, v1, v2, D2, PRECISION)
+    ds = tl.trans(p * (dp - delta[:, None])).to(q1.dtype)
+    dk1 += tl.dot(ds, q1, input_precision=PRECISION)
+    if D2 > 0:
+        dk2 += tl.dot(ds, q2, input_precision=PRECISION)
+    return dk1, dk2, dv1, dv2
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,                  # LSE, DELTA float32 (B, H, N_q) contiguous
+    qk_scale, sm_scale,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_n, sdo_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d,
+    H, N_Q, N_K,
+    HEAD_D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k1, k2 = _load_split(K + _head_offset(bh, H, sk_b, sk_h), offs_n, sk_n, sk_d, N_K, HEAD_D, D1, D2, UPCAST)
+    v1, v2 = _load_split(V + _head_offset(bh, H, sv_b, sv_h), offs_n, sv_n, sv_d, N_K, HEAD_D, D1, D2, UPCAST)
+    q_base = Q + _head_offset(bh, H, sq_b, sq_h)
+    do_base = DO + _head_offset(bh, H, sdo_b, sdo_h)
+    lse_base = LSE + bh * N_Q
+    delta_base = DELTA + bh * N_Q
+    W2: tl.constexpr = D2 if D2 > 0 else 16
+    dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1], tl.float32)
+    dk2 = tl.zeros([BLOCK_N, W2], tl.float32)
+    dv2 = tl.zeros([BLOCK_N, W2], tl.float32)
+    offs_m0 = tl.arange(0, BLOCK_M).to(tl.int64)
+    if WHILE_LOOP:
+        start = 0
+        while start < N_Q:
+            dk1, dk2, dv1, dv2 = _dkdv_block(q_base, do_base, lse_base, delta_base, start + offs_m0, k1, k2, v1, v2,
+                                             offs_n, dk1, dk2, dv1, dv2, sq_n, sq_d, sdo_n, sdo_d, N_Q, N_K,
+                                             qk_scale, HEAD_D, D1, D2, UPCAST, PRECISION)
+            start += BLOCK_M
+    else:
+        for start in range(0, N_Q, BLOCK_M):
+            dk1, dk2, dv1, dv2 = _dkdv_block(q_base, do_base, lse_base, delta_base, start + offs_m0, k1, k2, v1, v2,
+                                             offs_n, dk1, dk2, dv1, dv2, sq_n, sq_d, sdo_n, sdo_d, N_Q, N_K,
+                                             qk_scale, HEAD_D, D1, D2, UPCAST, PRECISION)
+    _store_split(DK + _head_offset(bh, H, sdk_b, sdk_h), offs_n, sdk_n, sdk_d, N_K, dk1 * sm_scale,
+                 dk2 * sm_scale, HEAD_D, D1, D2)
+    _store_split(DV + _head_offset(bh, H, sdv_b, sdv_h), offs_n, sdv_n, sdv_d, N_K, dv1, dv2, HEAD_D, D1, D2)
+
+
+@triton.jit
+def _store_split(base, rows, s_n, s_d, n_limit, a1, a2, HEAD_D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    c1 = tl.arange(0, D1)
+    tl.store(base + rows[:, None] * s_n + c1[None, :] * s_d, a1.to(base.dtype.element_ty),
+             mask=(rows[:, None] < n_limit) & (c1[None, :] < HEAD_D))
+    if D2 > 0:
+        c2 = D1 + tl.arange(0, D2)
+        tl.store(base + rows[:, None] * s_n + c2[None, :] * s_d, a2.to(base.dtype.element_ty),
+                 mask=(rows[:, None] < n_limit) & (c2[None, :] < HEAD_D))
+
+
+@triton.jit
+def _dq_block(k_base, v_base, offs_n, q1, q2, do1, do2, lse, delta, offs_m, dq1, dq2, sk_n, sk_d, sv_n, sv_d,
+              N_Q, N_K, qk_scale, HEAD_D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr):
+    k1, k2 = _load_split(k_base, offs_n, sk_n, sk_d, N_K, HEAD_D, D1, D2, UPCAST)
+    v1, v2 = _load_split(v_base, offs_n, sv_n, sv_d, N_K, HEAD_D, D1, D2, UPCAST)
+    p = _probs(q1, q2, k1, k2, lse, offs_m, offs_n, N_Q, N_K, qk_scale, D2, PRECISION)
+    dp = _dot_d(do1, do2, v1, v2, D2, PRECISION)
+    ds = (p * (dp - delta[:, None])).to(k1.dtype)
+    dq1 += tl.dot(ds, k1, input_precision=PRECISION)
+    if D2 > 0:
+        dq2 += tl.dot(ds, k2, input_precision=PRECISION)
+    return dq1, dq2
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    qk_scale, sm_scale,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d,
+    H, N_Q, N_K,
+    HEAD_D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q1, q2 = _load_split(Q + _head_offset(bh, H, sq_b, sq_h), offs_m, sq_n, sq_d, N_Q, HEAD_D, D1, D2, UPCAST)
+    do1, do2 = _load_split(DO + _head_offset(bh, H, sdo_b, sdo_h), offs_m, sdo_n, sdo_d, N_Q, HEAD_D, D1, D2,
+                           UPCAST)
+    lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    k_base = K + _head_offset(bh, H, sk_b, sk_h)
+    v_base = V + _head_offset(bh, H, sv_b, sv_h)
+    W2: tl.constexpr = D2 if D2 > 0 else 16
+    dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    dq2 = tl.zeros([BLOCK_M, W2], tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N).to(tl.int64)
+    if WHILE_LOOP:
+        start = 0
+        while start < N_K:
+            dq1, dq2 = _dq_block(k_base, v_base, start + offs_n0, q1, q2, do1, do2, lse, delta, offs_m, dq1, dq2,
+                                 sk_n, sk_d, sv_n, sv_d, N_Q, N_K, qk_scale, HEAD_D, D1, D2, UPCAST, PRECISION)
+            start += BLOCK_N
+    else:
+        for start in range(0, N_K, BLOCK_N):
+            dq1, dq2 = _dq_block(k_base, v_base, start + offs_n0, q1, q2, do1, do2, lse, delta, offs_m, dq1, dq2,
+                                 sk_n, sk_d, sv_n, sv_d, N_Q, N_K, qk_scale, HEAD_D, D1, D2, UPCAST, PRECISION)
+    _store_split(DQ + _head_offset(bh, H, sdq_b, sdq_h), offs_m, sdq_n, sdq_d, N_Q, dq1 * sm_scale, dq2 * sm_scale,
+                 HEAD_D, D1, D2)
+
+
+BWD_CONFIG = (64, 64, 4, 2)        # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+BWD_CONFIG_WIDE = (32, 32, 4, 1)   # head dims past 128: smaller tiles keep q, k, v, dO tiles in shared memory
+
+
+def attention_backward(q, k, v, out, lse, d_out, scale, input_precision=None):
+    """(dq, dk, dv) of softmax(scale q k^T) v given d_out, using the forward's out and lse."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    d1, d2 = head_dim_split(D)
+    precision = "ieee" if interpreter_active() else (input_precision or "ieee")
+    delta = (d_out.float() * out.float()).sum(-1).contiguous()           # rowsum(dO * O), float32 (B, H, N_q)
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0:
+        return dq, dk, dv
+    bm, bn, warps, stages = INTERPRETER_CONFIG if interpreter_active() else (
+        BWD_CONFIG_WIDE if d1 + d2 > 128 else BWD_CONFIG)
+    common = dict(HEAD_D=D, D1=d1, D2=d2, BLOCK_M=bm, BLOCK_N=bn, UPCAST=interpreter_active(), PRECISION=precision,
+                  WHILE_LOOP=interpreter_active(), num_warps=warps, num_stages=stages)
+    qk_scale = scale * LOG2E
+    _attn_bwd_dkdv_kernel[(triton.cdiv(NK, bn), B * H)](
+        q, k, v, d_out, lse, delta, dk, dv, qk_scale, scale, *q.stride(), *k.stride(), *v.stride(),
+        *d_out.stride(), *dk.stride(), *dv.stride(), H, NQ, NK, **common)
+    _attn_bwd_dq_kernel[(triton.cdiv(NQ, bm), B * H)](
+        q, k, v, d_out, lse, delta, dq, qk_scale, scale, *q.stride(), *k.stride(), *v.stride(), *d_out.stride(),
+        *dq.stride(), H, NQ, NK, **common)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, input_precision):
+        out, lse = attention(q, k, v, scale=scale, return_lse=True, input_precision=input_precision)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        ctx.input_precision = input_precision
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(q, k, v, out, lse, d_out, ctx.scale, ctx.input_precision)
+        return dq, dk, dv, None, None
+
+
+def attention_autograd(q, k, v, scale=None, input_precision=None):
+    """``attention`` with a Triton backward through torch.autograd (the lse output carries no gradient)."""
+    out, _ = _FlashAttention.apply(q, k, v, scale, input_precision)
+    return out

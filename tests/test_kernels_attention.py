@@ -112,3 +112,44 @@ def test_int64_offset_probe():
     bh = np.arange(2 * H)[:, None]
     want = (bh // H) * s_b + (bh % H) * s_h + (n0 + np.arange(block))[None] * s_n
     np.testing.assert_array_equal(out.cpu().numpy(), want)
+
+
+
+
+def _gradient_term_scales(q, k, v, do):
+    """Largest absolute sum of the terms each gradient adds up, in float64: dq = scale sum_j ds_ij k_j with
+    ds = P (dP - delta), whose two parts P dP and P delta are rounded separately (delta uses the stored O); dk
+    likewise with q; dv = sum_i P_ij dO_i. The 2-ulp floor sits at these scales (an exactly-zero gradient, as dq
+    with one key, is still formed from non-zero terms)."""
+    from refdiff.attention import attention_probs
+
+    Q, K, V, dO = (t.detach().double().cpu().numpy() for t in (q, k, v, do))
+    d = Q.shape[-1]
+    P, _ = attention_probs(Q, K)
+    O = P @ V
+    dP = dO @ np.swapaxes(V, -1, -2)
+    delta = np.sum(dO * O, axis=-1, keepdims=True)
+    T = P * (np.abs(dP) + np.abs(delta))
+    scale = 1.0 / math.sqrt(d)
+    return {"q": float(np.max(scale * T @ np.abs(K))), "k": float(np.max(scale * np.swapaxes(T, -1, -2) @ np.abs(Q))),
+            "v": float(np.max(np.swapaxes(P, -1, -2) @ np.abs(dO)))}
+
+
+@settings(max_examples=12)
+@given(NQ=st.sampled_from([1, 15, 77, 129]), NK=st.sampled_from([1, 2, 77, 97]), d=st.sampled_from(HEAD_DIMS),
+       dtype=st.sampled_from(list(DTYPES)), layout=st.sampled_from(["BHND", "BNHD"]), seed=st.integers(0, 1000))
+def test_backward_follows_the_error_rule(NQ, NK, d, dtype, layout, seed):
+    dt = DTYPES[dtype]
+    q, k, v = _inputs(1, 2, NQ, NK, d, dt, 1.0, layout, seed)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dt).to(DEVICE)
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = KA.attention_autograd(qs, ks, vs, input_precision="ieee" if dtype == "float32" else None)
+    out.backward(do)
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    naive(qn, kn, vn, 1.0 / math.sqrt(d))[0].backward(do)
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    naive(q64, k64, v64, 1.0 / math.sqrt(d))[0].backward(do.double().cpu())
+    floors = _gradient_term_scales(q, k, v, do)
+    for name, ours, base, ref in (("q", qs, qn, q64), ("k", ks, kn, k64), ("v", vs, vn, v64)):
+        assert kernel_rule_violation(ours.grad, base.grad, ref.grad.numpy(), dt, factor=3.0,
+                                     floor_scale=floors[name]) <= 1.0
