@@ -24,7 +24,7 @@ __all__ = ["attention", "attention_autograd", "attention_backward", "head_dim_sp
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
-LN2 = tl.constexpr(0.6931471805599453)         # the kernel works in exp2; lse is returned in natural log
+LOG2E_C = tl.constexpr(LOG2E)                  # exp(x) = exp2(x log2 e) inside the kernels
 PRECISIONS = ("ieee", "tf32")
 MIN_DOT = 16                      # tl.dot needs every dimension >= 16
 
@@ -56,10 +56,10 @@ def _load_chunk(ptr, rows, row_stride, cols, col_stride, row_limit, col_limit):
 
 
 @triton.jit
-def _attn_block(q1, q2, k_base, v_base, offs_n, sk_n, sk_d, sv_n, sv_d, N_K, qk_scale, m_i, l_i, acc1, acc2,
+def _attn_block(q1, q2, k_base, v_base, offs_n, sk_n, sk_d, sv_n, sv_d, N_K, sm_scale, m_i, l_i, acc1, acc2,
                 HEAD_D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr):
-    """One key block of the online softmax (Dao 2023, Alg. 1, in the exp2 domain)."""
+    """One key block of the online softmax (Dao 2023, Alg. 1)."""
     d1 = tl.arange(0, D1)
     kt1 = tl.trans(_load_chunk(k_base, offs_n, sk_n, d1, sk_d, N_K, HEAD_D))
     if UPCAST:
@@ -71,10 +71,12 @@ def _attn_block(q1, q2, k_base, v_base, offs_n, sk_n, sk_d, sv_n, sv_d, N_K, qk_
         if UPCAST:
             kt2 = kt2.to(tl.float32)
         s += tl.dot(q2, kt2, input_precision=PRECISION)
-    s = tl.where(offs_n[None, :] < N_K, s * qk_scale, float("-inf"))
+    # the running max stays in natural-logit units (one rounding, so lse = m + log l is as accurate as a plain
+    # logsumexp); log2(e) enters only inside exp2
+    s = tl.where(offs_n[None, :] < N_K, s * sm_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2((m_i - m_new) * LOG2E_C)
+    p = tl.exp2((s - m_new[:, None]) * LOG2E_C)
     l_i = l_i * alpha + tl.sum(p, 1)
     v1 = _load_chunk(v_base, offs_n, sv_n, d1, sv_d, N_K, HEAD_D)
     if UPCAST:
@@ -94,7 +96,7 @@ def _attn_block(q1, q2, k_base, v_base, offs_n, sk_n, sk_d, sv_n, sv_d, N_K, qk_
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,                                  # tensors; LSE is float32 (B, H, N_q)
-    qk_scale,                                         # softmax scale * log2(e) (exp2 domain)
+    sm_scale,                                         # softmax scale
     sq_b, sq_h, sq_n, sq_d,                           # strides of q
     sk_b, sk_h, sk_n, sk_d,                           # ... of k
     sv_b, sv_h, sv_n, sv_d,                           # ... of v
@@ -132,13 +134,13 @@ def _attn_fwd_kernel(
         start = 0
         while start < N_K:
             m_i, l_i, acc1, acc2 = _attn_block(q1, q2, k_base, v_base, start + offs_n0, sk_n, sk_d, sv_n, sv_d,
-                                               N_K, qk_scale, m_i, l_i, acc1, acc2, HEAD_D, D1, D2, UPCAST,
+                                               N_K, sm_scale, m_i, l_i, acc1, acc2, HEAD_D, D1, D2, UPCAST,
                                                PRECISION)
             start += BLOCK_N
     else:
         for start in range(0, N_K, BLOCK_N):             # a for-loop, so that the compiler pipelines the loads
             m_i, l_i, acc1, acc2 = _attn_block(q1, q2, k_base, v_base, start + offs_n0, sk_n, sk_d, sv_n, sv_d,
-                                               N_K, qk_scale, m_i, l_i, acc1, acc2, HEAD_D, D1, D2, UPCAST,
+                                               N_K, sm_scale, m_i, l_i, acc1, acc2, HEAD_D, D1, D2, UPCAST,
                                                PRECISION)
     inv = 1.0 / l_i
     o_base = O + _head_offset(bh, H, so_b, so_h)
@@ -148,7 +150,7 @@ def _attn_fwd_kernel(
     if D2 > 0:
         tl.store(o_base + offs_m[:, None] * so_n + d2[None, :] * so_d, (acc2 * inv[:, None]).to(O.dtype.element_ty),
                  mask=mask_m & (d2[None, :] < HEAD_D))
-    tl.store(LSE + _head_offset(bh, H, sl_b, sl_h) + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=offs_m < N_Q)
+    tl.store(LSE + _head_offset(bh, H, sl_b, sl_h) + offs_m, m_i + tl.log(l_i), mask=offs_m < N_Q)
 
 
 def _config(d1, d2, dtype):
@@ -207,7 +209,7 @@ def attention(q, k, v, scale=None, return_lse: bool = False, input_precision: st
     bm, bn, warps, stages = _config(d1, d2, q.dtype)
     grid = (triton.cdiv(NQ, bm), B * H)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, scale * LOG2E, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, lse, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         lse.stride(0), lse.stride(1), H, NQ, NK,
         HEAD_D=D, D1=d1, D2=d2, BLOCK_M=bm, BLOCK_N=bn, UPCAST=interpreter_active(), PRECISION=precision,
         WHILE_LOOP=interpreter_active(), num_warps=warps, num_stages=stages)
@@ -246,7 +248,7 @@ def _load_split(base, rows, s_n, s_d, n_limit, HEAD_D: tl.constexpr, D1: tl.cons
 def _probs(q1, q2, k1, k2, lse, offs_m, offs_n, N_Q, N_K, qk_scale, D2: tl.constexpr, PRECISION: tl.constexpr):
     """P = exp(scale q k^T - lse) for a (query block, key block) tile, 0 outside the valid rows / columns."""
     s = _dot_d(q1, q2, k1, k2, D2, PRECISION)
-    p = tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
+    p = tl.exp2(s * qk_scale - lse[:, None] * LOG2E_C)
     valid = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
     return tl.where(valid, p, 0.0)
 

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 from kernels import attention as KA  # noqa: E402
 from refdiff.attention import attention as ref_attention  # noqa: E402
-from tolerances import kernel_rule_violation  # noqa: E402
+from tolerances import EPS32, KERNEL_FLOOR_ULPS, kernel_rule_violation  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -40,10 +40,19 @@ def _check(q, k, v, precision=None):
     out = torch.full_like(q, float("nan"))                                 # NaN-poisoned: unwritten rows fail
     lse = torch.full(q.shape[:3], float("nan"), device=DEVICE)
     KA.attention(q, k, v, return_lse=True, input_precision=precision, out=out, lse=lse)
-    ref = ref_attention(*(t.double().cpu().numpy() for t in (q, k, v)))
+    Q, K, V = (t.double().cpu().numpy() for t in (q, k, v))
+    ref = ref_attention(Q, K, V)
     n_out, n_lse = naive(q, k, v, 1.0 / math.sqrt(d))
-    return (kernel_rule_violation(out, n_out, ref.out, q.dtype),
-            kernel_rule_violation(lse, n_lse, ref.lse, q.dtype))
+    # lse = m + log l: the max logit, a dot product rounded at the scale sum_d |q| |k| / sqrt(d), plus the log of
+    # the rescaled sum; its floor sits at the size of those terms (in float64 from the reference)
+    logits = np.einsum("bhqd,bhkd->bhqk", Q, K) / math.sqrt(d)
+    m = np.max(logits, axis=-1)
+    dot_terms = np.max(np.einsum("bhqd,bhkd->bhqk", np.abs(Q), np.abs(K)), axis=-1) / math.sqrt(d)
+    lse_terms = float(np.max(dot_terms + np.abs(ref.lse - m)))
+    # the output also inherits the kernel's fp32 logits rounding, d out ~ |v| d s with |d s| ~ eps32 x their terms
+    logit_floor = KERNEL_FLOOR_ULPS * EPS32 * float(np.max(np.abs(V)) * np.max(dot_terms))
+    return (kernel_rule_violation(out, n_out, ref.out, q.dtype, extra_floor=logit_floor),
+            kernel_rule_violation(lse, n_lse, ref.lse, torch.float32, floor_scale=lse_terms))   # lse is float32
 
 
 @settings(max_examples=40)
@@ -118,21 +127,26 @@ def test_int64_offset_probe():
 
 def _gradient_term_scales(q, k, v, do):
     """Largest absolute sum of the terms each gradient adds up, in float64: dq = scale sum_j ds_ij k_j with
-    ds = P (dP - delta), whose two parts P dP and P delta are rounded separately (delta uses the stored O); dk
-    likewise with q; dv = sum_i P_ij dO_i. The 2-ulp floor sits at these scales (an exactly-zero gradient, as dq
-    with one key, is still formed from non-zero terms)."""
+    ds = P (dP - delta), dP and delta dot products over the head dim (delta uses the stored O); dk likewise with q;
+    dv = sum_i P_ij dO_i. The 2-ulp floor sits at these scales (an exactly-zero gradient, as dq with one key, is
+    still formed from non-zero terms)."""
     from refdiff.attention import attention_probs
 
     Q, K, V, dO = (t.detach().double().cpu().numpy() for t in (q, k, v, do))
     d = Q.shape[-1]
     P, _ = attention_probs(Q, K)
     O = P @ V
-    dP = dO @ np.swapaxes(V, -1, -2)
-    delta = np.sum(dO * O, axis=-1, keepdims=True)
-    T = P * (np.abs(dP) + np.abs(delta))
+    # dP = dO v^T and delta = rowsum(dO o) are dot products: they round at the sums of absolute products
+    dP_terms = np.abs(dO) @ np.swapaxes(np.abs(V), -1, -2)
+    delta_terms = np.sum(np.abs(dO) * np.abs(O), axis=-1, keepdims=True)
+    T = P * (dP_terms + delta_terms)
     scale = 1.0 / math.sqrt(d)
-    return {"q": float(np.max(scale * T @ np.abs(K))), "k": float(np.max(scale * np.swapaxes(T, -1, -2) @ np.abs(Q))),
-            "v": float(np.max(np.swapaxes(P, -1, -2) @ np.abs(dO)))}
+    terms = {"q": float(np.max(scale * T @ np.abs(K))), "k": float(np.max(scale * np.swapaxes(T, -1, -2) @ np.abs(Q))),
+             "v": float(np.max(np.swapaxes(P, -1, -2) @ np.abs(dO)))}
+    # the recomputed P carries the fp32 logits' rounding, relative eps32 x their term scale scale sum |q| |k|
+    logit_terms = float(np.max(np.abs(Q) @ np.swapaxes(np.abs(K), -1, -2)) * scale)
+    extra = {n: KERNEL_FLOOR_ULPS * EPS32 * logit_terms * t for n, t in terms.items()}
+    return terms, extra
 
 
 @settings(max_examples=12)
@@ -149,7 +163,7 @@ def test_backward_follows_the_error_rule(NQ, NK, d, dtype, layout, seed):
     naive(qn, kn, vn, 1.0 / math.sqrt(d))[0].backward(do)
     q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
     naive(q64, k64, v64, 1.0 / math.sqrt(d))[0].backward(do.double().cpu())
-    floors = _gradient_term_scales(q, k, v, do)
+    floors, extra = _gradient_term_scales(q, k, v, do)
     for name, ours, base, ref in (("q", qs, qn, q64), ("k", ks, kn, k64), ("v", vs, vn, v64)):
         assert kernel_rule_violation(ours.grad, base.grad, ref.grad.numpy(), dt, factor=3.0,
-                                     floor_scale=floors[name]) <= 1.0
+                                     floor_scale=floors[name], extra_floor=extra[name]) <= 1.0

@@ -44,12 +44,13 @@ def dtype_ulp(values, torch_dtype):
 
 
 def kernel_rule_violation(kernel, naive, ref64, torch_dtype, factor: float = KERNEL_RULE_FACTOR,
-                          floor_scale: float | None = None) -> float:
+                          floor_scale: float | None = None, extra_floor: float = 0.0) -> float:
     """max|kernel - ref| / (2 max|naive - ref| + 2 ulp(max|ref|)): the flash-attention rule on the whole tensor
     (FlashAttention's tests compare maxima; elementwise, a baseline that happens to be exact at one element would
     fail a kernel that is as accurate as it everywhere). <= 1 means the rule holds. NaN in the kernel output where
     the reference is finite counts as a violation (outputs are never left unwritten). ``floor_scale`` sets the
-    magnitude of the 2-ulp floor when the result is a cancellation of larger terms (gradients)."""
+    magnitude of the 2-ulp floor when the result is a cancellation of larger terms (gradients); ``extra_floor`` adds
+    an absolute term for errors the kernel inherits from its own fp32 intermediates (attention logits)."""
     k = kernel.detach().double().cpu().numpy()
     n = naive.detach().double().cpu().numpy()
     if k.size == 0:
@@ -57,5 +58,6 @@ def kernel_rule_violation(kernel, naive, ref64, torch_dtype, factor: float = KER
     if np.any(np.isnan(k) & np.isfinite(ref64)):
         return np.inf
     scale = float(np.max(np.abs(ref64))) if floor_scale is None else float(floor_scale)
-    bound = factor * np.max(np.abs(n - ref64)) + KERNEL_FLOOR_ULPS * float(dtype_ulp(scale, torch_dtype))
+    bound = (factor * np.max(np.abs(n - ref64)) + KERNEL_FLOOR_ULPS * float(dtype_ulp(scale, torch_dtype))
+             + extra_floor)
     return float(np.max(np.abs(k - ref64)) / bound)
