@@ -10,6 +10,7 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv > "$RESULTS/device.txt" 2>&1
 python -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$RESULTS/gpu_tests.log"
 python -m pytest -q -p no:cacheprovider tests/test_kernels_sampler_step.py tests/test_kernels_noising.py \
-    tests/test_rng.py 2>&1 | tee "$RESULTS/kernel_tests_native.log"
+    tests/test_kernels_attention.py tests/test_rng.py 2>&1 | tee "$RESULTS/kernel_tests_native.log"
 python bench/sampler_step.py --out "$RESULTS" 2>&1 | tee "$RESULTS/sampler_step.log"
+python bench/attention.py --out "$RESULTS" 2>&1 | tee "$RESULTS/attention.log"
 if [ -n "${OUT:-}" ]; then cp -r "$RESULTS"/. "$OUT"/; fi

@@ -63,8 +63,8 @@ def _cmd_bench(args) -> int:
     import importlib.util
 
     root = Path(__file__).resolve().parents[1]
-    script = root / "bench" / "sampler_step.py"
-    if not script.exists():
+    scripts = [root / "bench" / "sampler_step.py", root / "bench" / "attention.py"]
+    if not all(s.exists() for s in scripts):
         print("refdiff bench needs the source tree (bench/ is not installed with the package)", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -76,10 +76,13 @@ def _cmd_bench(args) -> int:
         print("refdiff bench: not run: no CUDA device (timings need a GPU; --dry-run exercises the script under "
               "the interpreter without real timings)")
         return EXIT_NOT_RUN
-    spec = importlib.util.spec_from_file_location("refdiff_bench_sampler_step", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(["--out", args.out] + (["--dry-run"] if args.dry_run else []))
+    code = EXIT_PASS
+    for script in scripts:
+        spec = importlib.util.spec_from_file_location(f"refdiff_bench_{script.stem}", script)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        code = max(code, mod.main(["--out", args.out] + (["--dry-run"] if args.dry_run else [])))
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

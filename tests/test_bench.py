@@ -27,3 +27,6 @@ def test_bench_dry_run_writes_json_and_markdown(tmp_path):
     for r in doc["rows"]:
         assert r["bytes"] > 0 and r["ours_ms"][0] > 0 and "compile_ms" in r
     assert "DRY RUN" in next(tmp_path.glob("sampler_step-*.md")).read_text()
+    (att_path,) = tmp_path.glob("attention-*.json")
+    att = json.loads(att_path.read_text())
+    assert att["rows"] and all(r["max_abs_err_vs_fp32_math"] < 0.05 and r["ours_fwd_ms"][0] > 0 for r in att["rows"])
