@@ -20,7 +20,8 @@ import triton.language as tl
 
 from ._launch import MAX_GRID_Y, check_device, interpreter_active
 
-__all__ = ["attention", "attention_autograd", "attention_backward", "head_dim_split", "MAX_HEAD_DIM", "PRECISIONS"]
+__all__ = ["attention", "attention_autograd", "attention_backward", "p2p_attention", "head_dim_split", "MAX_HEAD_DIM",
+           "PRECISIONS"]
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -153,18 +154,39 @@ def _attn_fwd_kernel(
     tl.store(LSE + _head_offset(bh, H, sl_b, sl_h) + offs_m, m_i + tl.log(l_i), mask=offs_m < N_Q)
 
 
+def _fits(config, width: int) -> bool:
+    """Pruning predicate: wide heads (> 128 columns of work) keep k / v tiles of at most 32 keys so that the q tile,
+    two k / v tiles and the accumulators stay within shared memory and registers; narrow heads keep big tiles."""
+    bm, bn, warps, _ = config
+    return (bn <= 32 and warps >= 4) if width > 128 else bm * bn >= 64 * 64
+
+
 def _config(d1, d2, dtype):
+    """The first fitting config (used by p2p_attention and as the interpreter's single config)."""
     if interpreter_active():
         return INTERPRETER_CONFIG
-    width = d1 + d2
-    # keep the q tile, two k / v tiles and the accumulators within shared memory / registers for wide heads
-    for bm, bn, warps, stages in CONFIGS:
-        if width > 128 and (bn > 32 or warps < 4):
-            continue
-        if width <= 128 and bm * bn < 64 * 64:
-            continue
-        return bm, bn, warps, stages
-    return CONFIGS[-1]
+    return next((c for c in CONFIGS if _fits(c, d1 + d2)), CONFIGS[-1])
+
+
+_TUNED = None
+
+
+def _tuned_forward():
+    """The forward kernel autotuned over CONFIGS pruned by head width (CUDA only: autotuning times real runs)."""
+    global _TUNED
+    if _TUNED is None:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                   for bm, bn, w, st in CONFIGS]
+
+        def prune(configs, named_args, **kwargs):
+            width = kwargs["D1"] + kwargs["D2"]
+            kept = [c for c in configs if _fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                                 c.num_stages), width)]
+            return kept or configs[-1:]
+
+        _TUNED = triton.autotune(configs=configs, key=["N_Q", "N_K", "HEAD_D"],
+                                 prune_configs_by={"early_config_prune": prune})(_attn_fwd_kernel)
+    return _TUNED
 
 
 def attention(q, k, v, scale=None, return_lse: bool = False, input_precision: str | None = None, out=None,
@@ -206,13 +228,16 @@ def attention(q, k, v, scale=None, return_lse: bool = False, input_precision: st
     if B * H > MAX_GRID_Y:
         raise ValueError(f"B * H = {B * H} exceeds the grid's axis-1 limit {MAX_GRID_Y}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    bm, bn, warps, stages = _config(d1, d2, q.dtype)
-    grid = (triton.cdiv(NQ, bm), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        lse.stride(0), lse.stride(1), H, NQ, NK,
-        HEAD_D=D, D1=d1, D2=d2, BLOCK_M=bm, BLOCK_N=bn, UPCAST=interpreter_active(), PRECISION=precision,
-        WHILE_LOOP=interpreter_active(), num_warps=warps, num_stages=stages)
+    args = (q, k, v, out, lse, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+            lse.stride(1), H, NQ, NK)
+    if interpreter_active():
+        bm, bn, warps, stages = INTERPRETER_CONFIG
+        _attn_fwd_kernel[(triton.cdiv(NQ, bm), B * H)](
+            *args, HEAD_D=D, D1=d1, D2=d2, BLOCK_M=bm, BLOCK_N=bn, UPCAST=True, PRECISION=precision,
+            WHILE_LOOP=True, num_warps=warps, num_stages=stages)
+    else:
+        _tuned_forward()[lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)](
+            *args, HEAD_D=D, D1=d1, D2=d2, UPCAST=False, PRECISION=precision, WHILE_LOOP=False)
     return (out, lse) if return_lse else out
 
 
@@ -428,4 +453,139 @@ class _FlashAttention(torch.autograd.Function):
 def attention_autograd(q, k, v, scale=None, input_precision=None):
     """``attention`` with a Triton backward through torch.autograd (the lse output carries no gradient)."""
     out, _ = _FlashAttention.apply(q, k, v, scale, input_precision)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# prompt-to-prompt cross-attention (Hertz et al. 2022) inside the kernel
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _p2p_block(q1, q2, qs1, qs2, lse_s, kt_base, ka_base, v_base, w_ptr, sel_ptr, offs_n, sk_n, sk_d, sa_n, sa_d,
+               sv_n, sv_d, N_K, sm_scale, m_t, l_t, at1, at2, as1, as2, HEAD_D: tl.constexpr, D1: tl.constexpr,
+               D2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    kt1, kt2 = _load_split(kt_base, offs_n, sk_n, sk_d, N_K, HEAD_D, D1, D2, UPCAST)
+    ka1, ka2 = _load_split(ka_base, offs_n, sa_n, sa_d, N_K, HEAD_D, D1, D2, UPCAST)
+    v1, v2 = _load_split(v_base, offs_n, sv_n, sv_d, N_K, HEAD_D, D1, D2, UPCAST)
+    valid = offs_n < N_K
+    w = tl.load(w_ptr + offs_n, mask=valid, other=0.0)
+    sel = tl.load(sel_ptr + offs_n, mask=valid, other=0.0)
+    # target softmax, online over all target tokens (its normaliser l_t is unweighted)
+    s = tl.where(valid[None, :], _dot_d(q1, q2, kt1, kt2, D2, PRECISION) * sm_scale, float("-inf"))
+    m_new = tl.maximum(m_t, tl.max(s, 1))
+    alpha = tl.exp2((m_t - m_new) * LOG2E_C)
+    p = tl.exp2((s - m_new[:, None]) * LOG2E_C)
+    l_t = l_t * alpha + tl.sum(p, 1)
+    pt = p * (w * (1.0 - sel))[None, :]
+    # source maps at the aligned tokens, normalised by the source softmax's exact lse
+    sa = _dot_d(qs1, qs2, ka1, ka2, D2, PRECISION) * sm_scale
+    ps = tl.where(valid[None, :], tl.exp2((sa - lse_s[:, None]) * LOG2E_C), 0.0) * (w * sel)[None, :]
+    if UPCAST:
+        ptv = pt
+        psv = ps
+    else:
+        ptv = pt.to(v1.dtype)
+        psv = ps.to(v1.dtype)
+    at1 = at1 * alpha[:, None] + tl.dot(ptv, v1, input_precision=PRECISION)
+    as1 += tl.dot(psv, v1, input_precision=PRECISION)
+    if D2 > 0:
+        at2 = at2 * alpha[:, None] + tl.dot(ptv, v2, input_precision=PRECISION)
+        as2 += tl.dot(psv, v2, input_precision=PRECISION)
+    return m_new, l_t, at1, at2, as1, as2
+
+
+@triton.jit
+def _p2p_fwd_kernel(
+    QT, QS, KT, KA, V, W, SEL, LSE_S, O,              # target / source queries, target keys, aligned source keys,
+    sm_scale,                                         # target values, column weights, selector, source lse, out
+    sqt_b, sqt_h, sqt_n, sqt_d, sqs_b, sqs_h, sqs_n, sqs_d, skt_b, skt_h, skt_n, skt_d,
+    ska_b, ska_h, ska_n, ska_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
+    H, N_Q, N_K,
+    HEAD_D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q1, q2 = _load_split(QT + _head_offset(bh, H, sqt_b, sqt_h), offs_m, sqt_n, sqt_d, N_Q, HEAD_D, D1, D2, UPCAST)
+    qs1, qs2 = _load_split(QS + _head_offset(bh, H, sqs_b, sqs_h), offs_m, sqs_n, sqs_d, N_Q, HEAD_D, D1, D2,
+                           UPCAST)
+    lse_s = tl.load(LSE_S + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    kt_base = KT + _head_offset(bh, H, skt_b, skt_h)
+    ka_base = KA + _head_offset(bh, H, ska_b, ska_h)
+    v_base = V + _head_offset(bh, H, sv_b, sv_h)
+    W2: tl.constexpr = D2 if D2 > 0 else 16
+    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    at1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    as1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    at2 = tl.zeros([BLOCK_M, W2], tl.float32)
+    as2 = tl.zeros([BLOCK_M, W2], tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N).to(tl.int64)
+    if WHILE_LOOP:
+        start = 0
+        while start < N_K:
+            m_t, l_t, at1, at2, as1, as2 = _p2p_block(q1, q2, qs1, qs2, lse_s, kt_base, ka_base, v_base, W, SEL,
+                                                      start + offs_n0, skt_n, skt_d, ska_n, ska_d, sv_n, sv_d, N_K,
+                                                      sm_scale, m_t, l_t, at1, at2, as1, as2, HEAD_D, D1, D2,
+                                                      UPCAST, PRECISION)
+            start += BLOCK_N
+    else:
+        for start in range(0, N_K, BLOCK_N):
+            m_t, l_t, at1, at2, as1, as2 = _p2p_block(q1, q2, qs1, qs2, lse_s, kt_base, ka_base, v_base, W, SEL,
+                                                      start + offs_n0, skt_n, skt_d, ska_n, ska_d, sv_n, sv_d, N_K,
+                                                      sm_scale, m_t, l_t, at1, at2, as1, as2, HEAD_D, D1, D2,
+                                                      UPCAST, PRECISION)
+    inv = 1.0 / l_t
+    _store_split(O + _head_offset(bh, H, so_b, so_h), offs_m, so_n, so_d, N_Q, at1 * inv[:, None] + as1,
+                 at2 * inv[:, None] + as2, HEAD_D, D1, D2)
+
+
+def p2p_attention(q, k, v, q_source, k_source, alignment=None, weights=None, scale=None, input_precision=None):
+    """Cross-attention of the edited (target) prompt with prompt-to-prompt edits applied inside the kernel:
+
+        out_i = sum_j c_j [sel_j P_src(i, A(j)) + (1 - sel_j) P_tgt(i, j)] v_j,   sel_j = [A(j) >= 0]
+
+    (Hertz et al. 2022, §3.2: word swap = identity alignment, refinement = partial alignment, reweighting = c).
+    P_src = softmax(scale q_source k_source^T) over the source tokens, P_tgt = softmax(scale q k^T). ``alignment``
+    (N_k ints, -1 = keep the target map; default: none) and ``weights`` c (N_k, default 1) apply to every head.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v), ("q_source", q_source), ("k_source", k_source)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D torch tensor (B, H, N, d)")
+    check_device(q, k, v, q_source, k_source)
+    if len({t.dtype for t in (q, k, v, q_source, k_source)}) != 1:
+        raise ValueError("q, k, v, q_source, k_source must share one dtype")
+    if q_source.shape != q.shape or k_source.shape[:2] != k.shape[:2] or k_source.shape[3] != k.shape[3]:
+        raise ValueError(f"source shapes {tuple(q_source.shape)}, {tuple(k_source.shape)} do not match "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}")
+    if v.shape != k.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    dev = q.device
+    if alignment is None:
+        align = torch.full((NK,), -1, dtype=torch.int64, device=dev)
+    else:
+        align = torch.as_tensor(alignment, dtype=torch.int64, device=dev)
+        if align.shape != (NK,) or int(align.max()) >= k_source.shape[2]:
+            raise ValueError(f"alignment must hold {NK} source indices (-1 to keep the target map)")
+    w = torch.ones(NK, dtype=torch.float32, device=dev) if weights is None else \
+        torch.as_tensor(weights, dtype=torch.float32, device=dev).reshape(NK).contiguous()
+    sel = (align >= 0).float().contiguous()
+    k_aligned = k_source[:, :, align.clamp(min=0)]                     # (B, H, N_k, d): source keys by target token
+    _, lse_src = attention(q_source, k_source, k_source, scale=scale, return_lse=True,
+                           input_precision=input_precision)           # the source softmax's normaliser
+    d1, d2 = head_dim_split(D)
+    precision = "ieee" if interpreter_active() else (input_precision or "ieee")
+    out = torch.empty_like(q)
+    if q.numel() == 0:
+        return out
+    bm, bn, warps, stages = _config(d1, d2, q.dtype)
+    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    _p2p_fwd_kernel[(triton.cdiv(NQ, bm), B * H)](
+        q, q_source, k, k_aligned, v, w, sel, lse_src.contiguous(), out, sm_scale, *q.stride(), *q_source.stride(),
+        *k.stride(), *k_aligned.stride(), *v.stride(), *out.stride(), H, NQ, NK,
+        HEAD_D=D, D1=d1, D2=d2, BLOCK_M=bm, BLOCK_N=bn, UPCAST=interpreter_active(), PRECISION=precision,
+        WHILE_LOOP=interpreter_active(), num_warps=warps, num_stages=stages)
     return out

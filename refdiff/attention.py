@@ -117,10 +117,12 @@ def p2p_refine(P_source, P_target, alignment):
     return out
 
 
-def p2p_reweight(P, token: int, c: float):
-    """Attention re-weighting: the column of ``token`` scaled by c (Hertz et al. 2022, §3.2; not renormalised)."""
+def p2p_reweight(P, token, c):
+    """Attention re-weighting: the columns of ``token`` (an index or an array of them) scaled by c (a scalar or one
+    per token) (Hertz et al. 2022, §3.2; not renormalised)."""
     P = as_f64(P, "P").copy()
-    if not 0 <= token < P.shape[-1]:
-        raise ValueError(f"token {token} outside [0, {P.shape[-1]})")
-    P[..., token] *= c
+    tok = np.atleast_1d(np.asarray(token))
+    if not np.issubdtype(tok.dtype, np.integer) or np.any((tok < 0) | (tok >= P.shape[-1])):
+        raise ValueError(f"token indices must lie in [0, {P.shape[-1]}), got {token!r}")
+    P[..., tok] *= np.broadcast_to(as_f64(c, "c"), tok.shape)
     return P

@@ -166,3 +166,60 @@ def test_backward_follows_the_error_rule(NQ, NK, d, dtype, layout, seed):
     for name, ours, base, ref in (("q", qs, qn, q64), ("k", ks, kn, k64), ("v", vs, vn, v64)):
         assert kernel_rule_violation(ours.grad, base.grad, ref.grad.numpy(), dt, factor=3.0,
                                      extra_floor=extra[name]) <= 1.0
+
+
+# -- prompt-to-prompt inside the kernel --------------------------------------------------------------------
+
+def _p2p_naive(q, k, v, qs, ks, align, c, scale):
+    """The same edit in plain torch in the storage dtype."""
+    Ps = torch.softmax((qs @ ks.transpose(-1, -2)) * scale, -1)
+    Pt = torch.softmax((q @ k.transpose(-1, -2)) * scale, -1)
+    a = torch.as_tensor(align)
+    sel = (a >= 0).to(q.dtype)
+    P = Ps[..., a.clamp(min=0)] * sel + Pt * (1 - sel)
+    return (P * torch.as_tensor(c, dtype=q.dtype)) @ v
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("d,NS,NK", [(40, 77, 77), (80, 70, 77), (160, 77, 20)])
+def test_p2p_kernel_follows_the_error_rule(dtype, d, NS, NK):
+    from refdiff import attention as RA
+
+    dt = DTYPES[dtype]
+    q, qs = (t for t in _inputs(1, 2, 33, 33, d, dt, 1.0, "BHND", 5)[:2])
+    k, v = _inputs(1, 2, NK, NK, d, dt, 1.0, "BHND", 6)[1:]
+    ks = _inputs(1, 2, NS, NS, d, dt, 1.0, "BHND", 7)[1]
+    rs = np.random.default_rng(d)
+    align = np.where(rs.uniform(size=NK) < 0.6, rs.integers(0, NS, NK), -1)
+    c = rs.uniform(0.5, 2.0, NK)
+    prec = "ieee" if dtype == "float32" else None
+    out = KA.p2p_attention(q, k, v, qs, ks, alignment=align, weights=c, input_precision=prec)
+    Q, K, V, QS, KS = (t.double().cpu().numpy() for t in (q, k, v, qs, ks))
+    Ps, _ = RA.attention_probs(QS, KS)
+    Pt, _ = RA.attention_probs(Q, K)
+    ref = RA.p2p_reweight(RA.p2p_refine(Ps, Pt, align), np.arange(NK), c) @ V
+    n = _p2p_naive(q, k, v, qs, ks, align, c, 1 / math.sqrt(d))
+    dot_terms = max(float(np.max(np.abs(Q) @ np.swapaxes(np.abs(K), -1, -2))),
+                    float(np.max(np.abs(QS) @ np.swapaxes(np.abs(KS), -1, -2)))) / math.sqrt(d)
+    logit_floor = KERNEL_FLOOR_ULPS * EPS32 * float(np.max(np.abs(V)) * np.max(c)) * dot_terms
+    assert kernel_rule_violation(out, n, ref, dt, extra_floor=logit_floor) <= 1.0
+
+
+def test_p2p_without_edits_is_plain_attention_and_word_swap_uses_the_source_maps():
+    q, k, v = _inputs(1, 2, 40, 77, 64, torch.float32, 1.0, "BHND", 8)
+    qs, ks = _inputs(1, 2, 40, 77, 64, torch.float32, 1.0, "BHND", 9)[:2]
+    plain = KA.attention(q, k, v, input_precision="ieee")
+    torch.testing.assert_close(KA.p2p_attention(q, k, v, qs, ks, input_precision="ieee"), plain, rtol=1e-6,
+                               atol=1e-6)
+    swap = KA.p2p_attention(q, k, v, qs, ks, alignment=np.arange(77), input_precision="ieee")
+    torch.testing.assert_close(swap, KA.attention(qs, ks, v, input_precision="ieee"), rtol=1e-6, atol=1e-6)
+
+
+def test_p2p_bad_input():
+    q, k, v = _inputs(1, 1, 8, 7, 16, torch.float16, 1.0, "BHND", 0)
+    with pytest.raises(ValueError, match="alignment"):
+        KA.p2p_attention(q, k, v, q, k, alignment=np.zeros(3, int))
+    with pytest.raises(ValueError, match="dtype"):
+        KA.p2p_attention(q, k, v, q.float(), k)
+    with pytest.raises(ValueError, match="source shapes"):
+        KA.p2p_attention(q, k, v, q[:, :, :4], k)
