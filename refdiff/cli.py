@@ -3,6 +3,7 @@
     refdiff report [--out DIR] [--json PATH]   every check that applies here -> report.md, report.json, plots
     refdiff order [--out DIR] [--json PATH]    convergence orders of the samplers -> order.md, order.json, order.png
     refdiff bench [--out DIR] [--dry-run]      kernel benchmarks against peers (GPU; exit 3 without one)
+    refdiff check TARGET [--out DIR] [--quick] conformance of e.g. diffusers:DDIMScheduler against the reference
     refdiff env [--json PATH]                  versions, device, interpreter / TF32 state, RNG algorithm
 
 Exit codes: 0 pass, 1 verification failed, 2 usage or import error, 3 not run.
@@ -59,6 +60,26 @@ def _cmd_order(args) -> int:
     return EXIT_FAIL if any(c["verdict"] == "fail" for c in cases) else EXIT_PASS
 
 
+def _cmd_check(args) -> int:
+    from .check.runner import UsageError, run_check, write_check
+
+    try:
+        doc = run_check(args.target, quick=args.quick)
+    except UsageError as exc:
+        print(f"refdiff check: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    paths = write_check(doc, args.out, args.save_inputs)
+    if args.json:
+        Path(args.json).write_text(Path(paths[0]).read_text())
+    failed = [c for c in doc["cases"] if c["verdict"] == "fail"]
+    print(f"refdiff check {args.target}: {doc['verdict']} ({len(doc['cases']) - len(failed)}/{len(doc['cases'])} "
+          f"cases pass); wrote {paths[0]}, {paths[1]}")
+    for c in failed[:20]:
+        print(f"  FAIL {c['scheduler']} {c['beta_schedule']} {c['timestep_spacing']} {c['steps']} steps "
+              f"{c['prediction_type']}: {c.get('finding', '')}")
+    return EXIT_FAIL if failed else EXIT_PASS
+
+
 def _cmd_bench(args) -> int:
     import importlib.util
 
@@ -99,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the JSON table to this path")
     p.add_argument("--ode-only", action="store_true", help="skip the SDE strong-order case")
     p.set_defaults(func=_cmd_order)
+    p = sub.add_parser("check", help="conformance of a third-party implementation (e.g. diffusers:DDIMScheduler)")
+    p.add_argument("target", help="diffusers | diffusers:NAME | module:callable")
+    p.add_argument("--out", default="report/check", help="output folder (default: ./report/check)")
+    p.add_argument("--json", help="also write the JSON report to this path")
+    p.add_argument("--quick", action="store_true", help="a reduced grid of configurations")
+    p.add_argument("--save-inputs", choices=("never", "incorrect", "always"), default="never",
+                   help="write the inputs of failing (or all) cases as .npz")
+    p.set_defaults(func=_cmd_check)
     p = sub.add_parser("bench", help="benchmarks against peers on the GPU (exit 3 without one)")
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
     p.add_argument("--dry-run", action="store_true", help="exercise the benchmarks under the interpreter (no timings)")

@@ -1,0 +1,113 @@
+"""``refdiff check TARGET``: resolve the target, run its cases, write JSON + markdown, return an exit code.
+
+Targets: ``diffusers`` (every mapped scheduler), ``diffusers:NAME`` (one scheduler), or ``module:callable`` returning
+an object with the scheduler protocol below (diffusers' own: set_timesteps / step / timesteps / alphas_cumprod).
+An unknown object exits 2 naming the protocol methods found and missing; a target that raises mid-run fails that
+case (the exception recorded) and the rest still run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["PROTOCOL_METHODS", "run_check", "write_check", "resolve"]
+
+PROTOCOL_METHODS = ("set_timesteps", "step", "timesteps", "alphas_cumprod", "config")
+SCHEMA = "refdiff.check/1"
+
+
+class UsageError(Exception):
+    pass
+
+
+def resolve(target: str):
+    """[(adapter instance, constructor)] for a target string; UsageError with the protocol report otherwise."""
+    from . import diffusers_schedulers as DS
+
+    module, _, name = target.partition(":")
+    if module == "diffusers":
+        try:
+            import diffusers
+        except ImportError as exc:
+            raise UsageError(f"diffusers is not installed: {exc}") from None
+        names = list(DS.SCHEDULERS) if not name else [name]
+        out = []
+        for n in names:
+            if n in DS.SCHEDULERS:
+                out.append(DS.SCHEDULERS[n](diffusers))
+            elif n in DS.UNMAPPED:
+                raise UsageError(f"diffusers:{n} maps onto a refdiff sampler but has no adapter yet; mapped: "
+                                 f"{sorted(DS.SCHEDULERS)}")
+            else:
+                raise UsageError(f"unknown diffusers scheduler {n!r}; mapped: {sorted(DS.SCHEDULERS)}")
+        return out
+    try:
+        obj = getattr(importlib.import_module(module), name) if name else importlib.import_module(module)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"cannot import {target!r}: {exc}") from None
+    inst = obj() if callable(obj) else obj
+    found = [m for m in PROTOCOL_METHODS if hasattr(inst, m)]
+    missing = [m for m in PROTOCOL_METHODS if m not in found]
+    if missing:
+        raise UsageError(f"{target} does not follow the scheduler protocol: found {found}, missing {missing}")
+    raise UsageError(f"{target} follows the protocol, but custom targets need an adapter naming the sampler they "
+                     "implement; only diffusers' mapped schedulers run today")
+
+
+def run_check(target: str, quick: bool = False, progress=None) -> dict:
+    from .._env import env_info
+    from . import diffusers_schedulers as DS
+
+    adapters = resolve(target)
+    cases = []
+    for adapter in adapters:
+        for config in DS.default_cases(quick):
+            try:
+                case = DS.run_case(adapter, config)
+            except Exception as exc:               # the target raised mid-run: that case fails, the rest run
+                case = {"scheduler": adapter.name, **config, "verdict": "fail",
+                        "finding": f"raised {type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(limit=3)}
+            cases.append(case)
+            if progress is not None:
+                progress(case)
+    env = env_info()
+    verdict = "fail" if any(c["verdict"] == "fail" for c in cases) else "pass"
+    return {"schema": SCHEMA, "refdiff_version": env["refdiff"], "env": env, "target": target, "verdict": verdict,
+            "rule": "per step |diffusers - refdiff| <= 16 eps32 x (sum of the step's term magnitudes), same inputs",
+            "unmapped": list(DS.UNMAPPED), "cases": cases}
+
+
+def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "check.json", out / "check.md"]
+    paths[0].write_text(json.dumps(doc, indent=2, default=float))
+    n_pass = sum(c["verdict"] == "pass" for c in doc["cases"])
+    lines = [f"# refdiff check {doc['target']} — {doc['verdict'].upper()}", "", f"{n_pass} of {len(doc['cases'])} "
+             f"cases pass. Rule: {doc['rule']}.", "",
+             "| scheduler | schedule | spacing | steps | prediction | max step ratio | end-to-end | dup. t | "
+             "verdict | finding |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in doc["cases"]:
+        ratio = f"{max(c['per_step_ratio']):.3g}" if c.get("per_step_ratio") else "-"
+        e2e = f"{c['end_to_end_max_abs']:.2e}" if c.get("end_to_end_max_abs") is not None else "-"
+        lines.append(f"| {c['scheduler']} | {c['beta_schedule']} | {c['timestep_spacing']} | {c['steps']} | "
+                     f"{c['prediction_type']} | {ratio} | {e2e} | {c.get('duplicate_timesteps', '-')} | "
+                     f"{c['verdict']} | {c.get('finding', '')} |")
+    lines += ["", "Mapped onto refdiff samplers but without an adapter yet (not run): " + ", ".join(doc["unmapped"]),
+              ""]
+    paths[1].write_text("\n".join(lines))
+    if save_inputs != "never":
+        for k, c in enumerate(doc["cases"]):
+            if save_inputs == "always" or c["verdict"] == "fail":
+                p = out / f"case_{k:03d}_{c['scheduler']}.npz"
+                np.savez(p, x_T=np.asarray(c.get("x_T", [])), timesteps=np.asarray(c.get("timesteps", [])),
+                         config=json.dumps({kk: c[kk] for kk in ("beta_schedule", "timestep_spacing", "steps",
+                                                                 "prediction_type")}))
+                paths.append(p)
+    return paths
