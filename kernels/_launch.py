@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 __all__ = ["interpreter_active", "check_device", "select_backend", "STORAGE_DTYPES", "check_storage",
-           "row_layout", "MAX_GRID_Y", "check_grid"]
+           "check_tensors", "row_layout", "MAX_GRID_Y", "check_grid"]
 
 MAX_GRID_Y = 65535            # CUDA's limit on grid axes 1 and 2 (axis 0 allows 2^31 - 1)
 MAX_INNER_DIMS = 3            # kernels take (B, n1, n2, n3) layouts; more inner dims are collapsed or copied
@@ -49,6 +49,20 @@ def check_device(*tensors) -> None:
                            "kernels, move the tensors to CUDA, or use the float64 reference in refdiff")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device}; the kernels run on CUDA (or CPU under the interpreter)")
+
+
+def check_tensors(named: dict, reference_name: str) -> dict:
+    """The tensors among ``named`` that are given: each a torch tensor, all on one usable device, all with the
+    reference tensor's shape and storage dtype. Returns them by name."""
+    import torch
+
+    present = {k: v for k, v in named.items() if v is not None}
+    for k, v in present.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{k} must be a torch tensor, got {type(v).__name__}")
+    check_device(*present.values())
+    check_storage(present, reference_name)
+    return present
 
 
 def _dtypes():

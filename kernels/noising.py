@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_grid, check_storage, row_layout
+from ._launch import check_grid, check_tensors, row_layout
 from .sampler_step import _offset
 
 __all__ = ["add_noise", "noising_loss", "NoisingLoss", "TARGETS"]
@@ -117,13 +117,7 @@ def _launch(x0, eps, m, out, coefs, seed, noise_offset, loss, target, grad_scale
 
 
 def _check(x0, eps, seed, noise_offset, extra: dict):
-    named = {"x0": x0, "eps": eps, **extra}
-    present = {k: v for k, v in named.items() if v is not None}
-    for k, v in present.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{k} must be a torch tensor, got {type(v).__name__}")
-    check_device(*present.values())
-    check_storage(present, "x0")
+    check_tensors({"x0": x0, "eps": eps, **extra}, "x0")
     if (eps is None) == (seed is None):
         raise ValueError("give the noise either as eps (a tensor) or as a Philox seed")
     if seed is not None and not (0 <= int(seed) < 2 ** 63 and 0 <= int(noise_offset) < 2 ** 63):

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_grid, check_storage, row_layout
+from ._launch import check_device, check_grid, check_storage, check_tensors, row_layout
 
 __all__ = ["sampler_step", "cfg_rescale_factors", "COEFF_NAMES", "BLOCK"]
 
@@ -201,12 +201,7 @@ def sampler_step(x, coeffs, m_uncond=None, m_cond=None, d_prev1=None, d_prev2=No
         coeffs = c
     named = {"x": x, "m_uncond": m_uncond if evaluate else None, "m_cond": m_cond if evaluate else None,
              "d_prev1": d_prev1, "d_prev2": d_prev2, "noise": noise, "out": out, "out_d": out_d if evaluate else None}
-    present = {k: v for k, v in named.items() if v is not None}
-    for k, v in present.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{k} must be a torch tensor, got {type(v).__name__}")
-    check_device(*present.values())
-    check_storage(present, "x")
+    check_tensors(named, "x")
     if evaluate and m_uncond is None:
         raise ValueError("this stage evaluates the model: pass m_uncond (the model output)")
     if noise is not None and seed is not None:

@@ -3,22 +3,16 @@
 import numpy as np
 import pytest
 
+from refdiff import convergence as CV
 from refdiff import distill as DS
 from refdiff import editing as E
 from refdiff import schedules as S
-from refdiff.oracles import GaussianMixture
 from refdiff.parametrization import from_x0_eps
 from refdiff.samplers import DDIM, DDPM, DPMSolverPP, Grid
 from refdiff.solve import sample
 
 
-def _gmm():
-    rng = np.random.default_rng(0)
-    covs = np.stack([B @ B.T + 0.2 * np.eye(2) for B in rng.standard_normal((3, 2, 2)) * 0.5])
-    return GaussianMixture([0.5, 0.3, 0.2], rng.uniform(-2, 2, (3, 2)), covs)
-
-
-GMM = _gmm()
+GMM = CV.default_problem().data          # the 2-D, 3-component mixture of the convergence problem
 SCHED = S.Cosine()
 
 

@@ -147,7 +147,6 @@ def test_whole_trajectories_follow_the_rule_at_every_step(sampler, dtype):
     x = torch.randn((5, 3), generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dt).to(DEVICE)
     res = driver.sample(sampler, model, grid, x, record=True)
     assert len(res.stages) == 12
-    h1 = h2 = None
     for _, c, inp in res.stages:
         out, D = SS.sampler_step(inp["x"], c, m_uncond=inp["m_uncond"], d_prev1=inp["d_prev1"],
                                  d_prev2=inp["d_prev2"])

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from refdiff import convergence as CV
 from refdiff import schedules as S
 from refdiff.convergence import oracle_model
-from refdiff.oracles import GaussianData, GaussianMixture
+from refdiff.oracles import GaussianData
 from refdiff.parametrization import PREDICTIONS, to_x0_eps
 from refdiff.samplers import (DDIM, DDPM, DPM2, RK4, Churn, DPMSolver, DPMSolverPP, Euler, EulerAncestral, Grid, Heun,
                               Level, PredictorCorrector, ReverseEulerMaruyama, SDEDPMSolverPP2M, UniPC, model_coeffs,
@@ -27,13 +27,7 @@ Z_MAX = 4.0
 NS = list(CV.ODE_NS)
 
 
-def _gmm():
-    rng = np.random.default_rng(0)
-    covs = np.stack([B @ B.T + 0.2 * np.eye(2) for B in rng.standard_normal((3, 2, 2)) * 0.5])
-    return GaussianMixture([0.5, 0.3, 0.2], rng.uniform(-2, 2, (3, 2)), covs)
-
-
-GMM = _gmm()
+GMM = CV.default_problem().data          # the 2-D, 3-component mixture of the convergence problem
 SCHED = S.VPLinear()
 T0, T1 = 0.8, 0.05
 

@@ -157,8 +157,6 @@ def run_case(adapter, config: dict, seed: int = 0) -> dict:
     """One configuration: per-step ratios to the float32 rule, end-to-end error, non-finite and duplicate checks."""
     import torch
 
-    import diffusers as _  # noqa: F401  (imported by the caller; keeps the dependency explicit)
-
     n = config["steps"]
     pred = PREDICTIONS[config["prediction_type"]]
     kw = dict(num_train_timesteps=1000, beta_schedule=config["beta_schedule"],
