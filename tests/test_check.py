@@ -14,8 +14,8 @@ from refdiff.check.runner import run_check  # noqa: E402
 CONFIG = dict(beta_schedule="scaled_linear", prediction_type="epsilon")
 
 
-@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-                                  "EulerAncestralDiscreteScheduler"])
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+                                  "UniPCMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
 @pytest.mark.parametrize("spacing,steps", [("leading", 10), ("trailing", 25), ("leading", 1)])
 def test_mapped_schedulers_agree_to_float32_rounding(name, spacing, steps):
     case = DS.run_case(DS.SCHEDULERS[name](diffusers), dict(CONFIG, timestep_spacing=spacing, steps=steps))
@@ -75,3 +75,22 @@ def test_a_target_that_raises_fails_only_its_case(monkeypatch):
     bad = [c for c in doc["cases"] if c["verdict"] == "fail"]
     assert bad and all(c["timestep_spacing"] == "trailing" and "boom" in c["finding"] for c in bad)
     assert any(c["verdict"] == "pass" for c in doc["cases"])
+
+
+def test_euler_ancestral_nan_is_found_and_explained():
+    """diffusers #14213 reproduced with the real code: squaredcos_cap_v2 (sigma_max ~ 2e4), trailing, 3 steps."""
+    case = DS.run_case(DS.SCHEDULERS["EulerAncestralDiscreteScheduler"](diffusers),
+                       dict(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", timestep_spacing="trailing",
+                            steps=3))
+    assert case["verdict"] == "fail" and case["nonfinite"] > 0
+    assert case["finding"].startswith("explained: diffusers #14213")
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+def test_euler_v_prediction_is_translated_between_vp_and_ve(name):
+    """diffusers' models predict the VP v; the VE-grid reference reads v / alpha. Without that translation every
+    case would disagree; with it they agree to diffusers' own float32 bound, long first steps included."""
+    for b, sp, n in (("linear", "trailing", 1), ("scaled_linear", "leading", 10)):
+        case = DS.run_case(DS.SCHEDULERS[name](diffusers), dict(beta_schedule=b, prediction_type="v_prediction",
+                                                                timestep_spacing=sp, steps=n))
+        assert case["verdict"] == "pass", case
