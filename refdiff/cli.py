@@ -75,8 +75,11 @@ def _cmd_check(args) -> int:
     print(f"refdiff check {args.target}: {doc['verdict']} ({len(doc['cases']) - len(failed)}/{len(doc['cases'])} "
           f"cases pass); wrote {paths[0]}, {paths[1]}")
     for c in failed[:20]:
-        print(f"  FAIL {c['scheduler']} {c['beta_schedule']} {c['timestep_spacing']} {c['steps']} steps "
-              f"{c['prediction_type']}: {c.get('finding', '')}")
+        if "ratio_to_rule" in c:
+            print(f"  FAIL {c['scheduler']}: ratio to the rule {c['ratio_to_rule']:.3g}")
+        else:
+            print(f"  FAIL {c['scheduler']} {c['beta_schedule']} {c['timestep_spacing']} {c['steps']} steps "
+                  f"{c['prediction_type']}: {c.get('finding', '')}")
     return EXIT_FAIL if failed else EXIT_PASS
 
 
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ode-only", action="store_true", help="skip the SDE strong-order case")
     p.set_defaults(func=_cmd_order)
     p = sub.add_parser("check", help="conformance of a third-party implementation (e.g. diffusers:DDIMScheduler)")
-    p.add_argument("target", help="diffusers | diffusers:NAME | module:callable")
+    p.add_argument("target", help="kernels | diffusers | diffusers:NAME | module:callable")
     p.add_argument("--out", default="report/check", help="output folder (default: ./report/check)")
     p.add_argument("--json", help="also write the JSON report to this path")
     p.add_argument("--quick", action="store_true", help="a reduced grid of configurations")

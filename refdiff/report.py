@@ -172,6 +172,21 @@ def _conformance_cases():
         yield case
 
 
+def _kernel_cases():
+    """Kernel equivalence (interpreter on CPU, native on a GPU) by the error rule."""
+    try:
+        from .check.kernels_check import kernel_cases
+
+        results, backend = kernel_cases()
+    except Exception as exc:                       # torch / triton absent
+        yield {"group": "kernels", "name": "Triton kernels", "metric": {}, "rule": "error rule",
+               "verdict": "not run", "detail": f"{type(exc).__name__}: {exc}"}
+        return
+    for name, ratio in results:
+        yield _case("kernels", f"{name} ({backend})", {"ratio_to_rule": ratio},
+                    "|kernel - ref64| <= 2 |naive - ref64| + 2 ulp", ratio <= 1.0)
+
+
 def _rng_cases():
     bad = C.philox_kat_mismatches()
     yield _case("rng", "Philox4x32-10 known-answer vectors (Random123)", {"mismatches": bad}, "0 mismatches",
@@ -205,7 +220,8 @@ def run_report(seed: int = 0, progress: bool | None = None) -> dict:
     rng = np.random.default_rng(seed)
     groups = [("schedules", _schedule_cases), ("oracles", lambda: _oracle_cases(rng)),
               ("objectives", lambda: _objective_cases(rng)), ("likelihood", lambda: _likelihood_cases(rng)),
-              ("samplers", _sampler_cases), ("conformance", _conformance_cases), ("rng", _rng_cases)]
+              ("samplers", _sampler_cases), ("conformance", _conformance_cases), ("kernels", _kernel_cases),
+              ("rng", _rng_cases)]
     cases, seconds = [], {}
     bar = _progress(len(groups), progress)
     for name, fn in groups:

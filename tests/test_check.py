@@ -94,3 +94,12 @@ def test_euler_v_prediction_is_translated_between_vp_and_ve(name):
         case = DS.run_case(DS.SCHEDULERS[name](diffusers), dict(beta_schedule=b, prediction_type="v_prediction",
                                                                 timestep_spacing=sp, steps=n))
         assert case["verdict"] == "pass", case
+
+
+def test_kernels_target(tmp_path):
+    assert cli.main(["check", "kernels", "--out", str(tmp_path)]) == cli.EXIT_PASS
+    doc = json.loads((tmp_path / "check.json").read_text())
+    names = [c["scheduler"] for c in doc["cases"]]
+    assert any(n.startswith("sampler_step") for n in names) and any(n.startswith("attention") for n in names)
+    assert all(c["verdict"] == "pass" and c["ratio_to_rule"] <= 1.0 for c in doc["cases"])
+    assert "| case | ratio to the rule | verdict |" in (tmp_path / "check.md").read_text()

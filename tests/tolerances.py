@@ -27,37 +27,7 @@ def fd_tolerance(h: float, third_derivative: float, f_scale: float) -> float:
     return h * h * third_derivative / 6.0 + EPS64 * f_scale / h
 
 
-# -- kernels: the flash-attention rule (DESIGN.md §4) ------------------------------------------------------
+# -- kernels: the flash-attention rule (DESIGN.md §4), one implementation in refdiff.check.rules ----------------
 
-KERNEL_RULE_FACTOR = 2.0      # |kernel - ref64| <= 2 |naive same-dtype - ref64| + floor (3 for gradients)
-KERNEL_FLOOR_ULPS = 2         # floor: 2 ulp of the storage dtype at the reference's magnitude
-
-
-def dtype_ulp(values, torch_dtype):
-    """Spacing of the storage dtype at |values| (float64 array): 2^floor(log2 |v|) * eps_dtype, with |v| clamped
-    to the dtype's smallest normal."""
-    import torch
-
-    fi = torch.finfo(torch_dtype)
-    mag = np.maximum(np.abs(values), fi.tiny)
-    return np.exp2(np.floor(np.log2(mag))) * fi.eps
-
-
-def kernel_rule_violation(kernel, naive, ref64, torch_dtype, factor: float = KERNEL_RULE_FACTOR,
-                          floor_scale: float | None = None, extra_floor: float = 0.0) -> float:
-    """max|kernel - ref| / (2 max|naive - ref| + 2 ulp(max|ref|)): the flash-attention rule on the whole tensor
-    (FlashAttention's tests compare maxima; elementwise, a baseline that happens to be exact at one element would
-    fail a kernel that is as accurate as it everywhere). <= 1 means the rule holds. NaN in the kernel output where
-    the reference is finite counts as a violation (outputs are never left unwritten). ``floor_scale`` sets the
-    magnitude of the 2-ulp floor when the result is a cancellation of larger terms (gradients); ``extra_floor`` adds
-    an absolute term for errors the kernel inherits from its own fp32 intermediates (attention logits)."""
-    k = kernel.detach().double().cpu().numpy()
-    n = naive.detach().double().cpu().numpy()
-    if k.size == 0:
-        return 0.0
-    if np.any(np.isnan(k) & np.isfinite(ref64)):
-        return np.inf
-    scale = float(np.max(np.abs(ref64))) if floor_scale is None else float(floor_scale)
-    bound = (factor * np.max(np.abs(n - ref64)) + KERNEL_FLOOR_ULPS * float(dtype_ulp(scale, torch_dtype))
-             + extra_floor)
-    return float(np.max(np.abs(k - ref64)) / bound)
+from refdiff.check.rules import (KERNEL_FLOOR_ULPS, KERNEL_RULE_FACTOR, dtype_ulp,  # noqa: E402,F401
+                                 kernel_rule_violation)

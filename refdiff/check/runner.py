@@ -1,6 +1,7 @@
 """``refdiff check TARGET``: resolve the target, run its cases, write JSON + markdown, return an exit code.
 
-Targets: ``diffusers`` (every mapped scheduler), ``diffusers:NAME`` (one scheduler), or ``module:callable`` returning
+Targets: ``kernels`` (our Triton kernels against the reference), ``diffusers`` (every mapped scheduler),
+``diffusers:NAME`` (one scheduler), or ``module:callable`` returning
 an object with the scheduler protocol below (diffusers' own: set_timesteps / step / timesteps / alphas_cumprod).
 An unknown object exits 2 naming the protocol methods found and missing; a target that raises mid-run fails that
 case (the exception recorded) and the rest still run.
@@ -59,10 +60,29 @@ def resolve(target: str):
                      "implement; only diffusers' mapped schedulers run today")
 
 
+def _kernel_check() -> dict:
+    from .._env import env_info
+    from .kernels_check import kernel_cases
+
+    try:
+        results, backend = kernel_cases()
+    except ImportError as exc:
+        raise UsageError(f"the kernels target needs torch and triton: {exc}") from None
+    cases = [{"scheduler": name, "beta_schedule": "-", "timestep_spacing": "-", "steps": "-", "prediction_type": "-",
+              "ratio_to_rule": r, "verdict": "pass" if r <= 1.0 else "fail"} for name, r in results]
+    env = env_info()
+    return {"schema": SCHEMA, "refdiff_version": env["refdiff"], "env": env, "target": "kernels", "backend": backend,
+            "verdict": "fail" if any(c["verdict"] == "fail" for c in cases) else "pass",
+            "rule": "|kernel - ref64| <= 2 |naive same-dtype - ref64| + 2 ulp (tensor maxima)", "unmapped": [],
+            "cases": cases}
+
+
 def run_check(target: str, quick: bool = False, progress=None) -> dict:
     from .._env import env_info
     from . import diffusers_schedulers as DS
 
+    if target == "kernels":
+        return _kernel_check()
     adapters = resolve(target)
     cases = []
     for adapter in adapters:
@@ -89,12 +109,19 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
     paths = [out / "check.json", out / "check.md"]
     paths[0].write_text(json.dumps(doc, indent=2, default=float))
     n_pass = sum(c["verdict"] == "pass" for c in doc["cases"])
-    lines = [f"# refdiff check {doc['target']} — {doc['verdict'].upper()}", "", f"{n_pass} of {len(doc['cases'])} "
-             f"cases pass. Rule: {doc['rule']}.", "",
-             "| scheduler | schedule | spacing | steps | prediction | max step ratio | end-to-end | dup. t | "
-             "verdict | finding |", "|---|---|---|---|---|---|---|---|---|---|"]
+    head = [f"# refdiff check {doc['target']} — {doc['verdict'].upper()}", "", f"{n_pass} of {len(doc['cases'])} "
+            f"cases pass. Rule: {doc['rule']}.", ""]
+    if doc["target"] == "kernels":
+        lines = head + [f"Backend: {doc.get('backend')}.", "", "| case | ratio to the rule | verdict |", "|---|---|---|"]
+        lines += [f"| {c['scheduler']} | {c['ratio_to_rule']:.3g} | {c['verdict']} |" for c in doc["cases"]]
+        paths[1].write_text("\n".join(lines + [""]))
+        return paths
+    lines = head + [
+                    "| scheduler | schedule | spacing | steps | prediction | max step ratio | end-to-end | dup. t | "
+                    "verdict | finding |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in doc["cases"]:
-        ratio = f"{max(c['per_step_ratio']):.3g}" if c.get("per_step_ratio") else "-"
+        ratio = (f"{max(c['per_step_ratio']):.3g}" if c.get("per_step_ratio") else
+                 f"{c['ratio_to_rule']:.3g}" if "ratio_to_rule" in c else "-")
         e2e = f"{c['end_to_end_max_abs']:.2e}" if c.get("end_to_end_max_abs") is not None else "-"
         lines.append(f"| {c['scheduler']} | {c['beta_schedule']} | {c['timestep_spacing']} | {c['steps']} | "
                      f"{c['prediction_type']} | {ratio} | {e2e} | {c.get('duplicate_timesteps', '-')} | "
