@@ -265,6 +265,11 @@ def _fmt(metric: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in metric.items())
 
 
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: pipes in rules such as |kernel - ref| would split the cell."""
+    return str(text).replace("|", "\\|")
+
+
 def write_report(report: dict, out_dir) -> list[Path]:
     """Write report.json, report.md and (with matplotlib) schedules.png into out_dir; returns the paths."""
     out = Path(out_dir)
@@ -282,7 +287,8 @@ def write_report(report: dict, out_dir) -> list[Path]:
         for c in report["cases"]:
             if c["group"] == group:
                 detail = f" ({c['detail']})" if c.get("detail") else ""
-                lines.append(f"| {c['name']} | {_fmt(c['metric'])}{detail} | {c['rule']} | {c['verdict']} |")
+                lines.append(f"| {_cell(c['name'])} | {_cell(_fmt(c['metric']) + detail)} | {_cell(c['rule'])} | "
+                             f"{c['verdict']} |")
         lines.append("")
     png = _plot_schedules(out / "schedules.png")
     if png is not None:

@@ -110,7 +110,7 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
     paths[0].write_text(json.dumps(doc, indent=2, default=float))
     n_pass = sum(c["verdict"] == "pass" for c in doc["cases"])
     head = [f"# refdiff check {doc['target']} — {doc['verdict'].upper()}", "", f"{n_pass} of {len(doc['cases'])} "
-            f"cases pass. Rule: {doc['rule']}.", ""]
+            f"cases pass. Rule: `{doc['rule']}`.", ""]
     if doc["target"] == "kernels":
         lines = head + [f"Backend: {doc.get('backend')}.", "", "| case | ratio to the rule | verdict |", "|---|---|---|"]
         lines += [f"| {c['scheduler']} | {c['ratio_to_rule']:.3g} | {c['verdict']} |" for c in doc["cases"]]
