@@ -139,10 +139,12 @@ def _likelihood_cases(rng):
                     f"|z| <= {MC_Z_MAX}", z <= MC_Z_MAX)
 
 
-def _sampler_cases():
+def _sampler_cases(store: dict):
     from .convergence import order_table
 
-    for c in order_table():
+    table = order_table()
+    store["orders"] = table
+    for c in table:
         yield _case("samplers", f"convergence order: {c['sampler']} ({c['kind']})",
                     {"declared": float(c["declared"]), "measured": c["measured"]}, c["rule"], c["verdict"] == "pass")
 
@@ -218,9 +220,11 @@ def run_report(seed: int = 0, progress: bool | None = None) -> dict:
     """Run every applicable check; returns the report dict (see ``SCHEMA``)."""
     _select_kernel_backend()
     rng = np.random.default_rng(seed)
+    extra = {}
     groups = [("schedules", _schedule_cases), ("oracles", lambda: _oracle_cases(rng)),
               ("objectives", lambda: _objective_cases(rng)), ("likelihood", lambda: _likelihood_cases(rng)),
-              ("samplers", _sampler_cases), ("conformance", _conformance_cases), ("kernels", _kernel_cases),
+              ("samplers", lambda: _sampler_cases(extra)), ("conformance", _conformance_cases),
+              ("kernels", _kernel_cases),
               ("rng", _rng_cases)]
     cases, seconds = [], {}
     bar = _progress(len(groups), progress)
@@ -235,7 +239,7 @@ def run_report(seed: int = 0, progress: bool | None = None) -> dict:
         bar.close()
     verdict = "fail" if any(c["verdict"] == "fail" for c in cases) else "pass"
     return {"schema": SCHEMA, "refdiff_version": env_info()["refdiff"], "env": env_info(), "seed": seed,
-            "verdict": verdict, "seconds": seconds, "cases": cases}
+            "verdict": verdict, "seconds": seconds, "cases": cases, **extra}
 
 
 def _select_kernel_backend():
@@ -294,6 +298,14 @@ def write_report(report: dict, out_dir) -> list[Path]:
     if png is not None:
         lines += ["## plots", "", "![log-SNR of the continuous families](schedules.png)", ""]
         paths.append(png)
+    if report.get("orders"):
+        from .convergence import order_markdown, plot_orders
+
+        lines += ["## convergence orders", "", order_markdown(report["orders"]), ""]
+        order_png = plot_orders(report["orders"], out / "order.png")
+        if order_png is not None:
+            lines += ["![log-log convergence of the samplers](order.png)", ""]
+            paths.append(order_png)
     paths[1].write_text("\n".join(lines))
     return paths
 
