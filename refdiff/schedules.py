@@ -515,7 +515,6 @@ class Sigmoid(ContinuousSchedule):
         self.start, self.end, self.tau = float(start), float(end), float(tau)
         self.s_, self.e_ = self.start / self.tau, self.end / self.tau
         self.k = (self.end - self.start) / self.tau           # dz/dt
-        self._log_den = log1mexp(self.s_ - self.e_)
         # v_e - v_s = -expm1(s - e) sigmoid(e) sigmoid(-s); each of alpha^2, sigma^2 cancels one sigmoid factor
         self._den_a = -np.expm1(self.s_ - self.e_) * sigmoid(-self.s_)
         self._den_s = -np.expm1(self.s_ - self.e_) * sigmoid(self.e_)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import schedules as S
 from ..oracles import GaussianMixture
-from ..parametrization import from_x0_eps
+from ..convergence import oracle_model
 from ..samplers import DDIM, DDPM, DPMSolverPP, Euler, EulerAncestral, Grid, Level, UniPC, step_coeffs
 from ..samplers.base import State
 from ..solve import sample
@@ -42,9 +42,9 @@ ORACLE = _oracle()
 
 
 def _vp_model(prediction):
-    def model(x_vp, a, s):
-        return from_x0_eps(ORACLE.denoise(x_vp, a, s), ORACLE.eps(x_vp, a, s), prediction, a, s)
-    return model
+    """The oracle's exact model at VP (alpha, sigma): convergence.oracle_model on a bare level."""
+    exact = oracle_model(ORACLE, prediction)
+    return lambda x_vp, a, s: exact(x_vp, Level(None, a, s, None))
 
 
 class _Adapter:
@@ -80,13 +80,15 @@ class _DDIM(_Adapter):
     name = "DDIMScheduler"
 
     def make(self, config):
-        return self.diffusers.DDIMScheduler(**config, set_alpha_to_one=True, clip_sample=False)
+        return self.diffusers.DDIMScheduler(**{"set_alpha_to_one": True, **config}, clip_sample=False)
 
     def sampler(self):
         return DDIM(0.0)
 
     def grid(self, sched, table):
-        return Grid.from_discrete(table, sched.timesteps.numpy(), final="data")
+        # set_alpha_to_one: the last step goes to the data; otherwise to alpha_bar_0 (diffusers' final_alpha_cumprod)
+        final = "data" if sched.config.set_alpha_to_one or sched.timesteps[-1] == 0 else "first"
+        return Grid.from_discrete(table, sched.timesteps.numpy(), final=final)
 
     def hypotheses(self, sched, table, config):
         """diffusers #12633 / #11347: step() reads alpha_bar_prev at t - T // N, not at the next grid timestep."""
@@ -231,6 +233,7 @@ def run_case(adapter, config: dict, seed: int = 0) -> dict:
               **BETAS[config["beta_schedule"]])
     if config["timestep_spacing"] == "leading":
         kw["steps_offset"] = 1
+    kw.update(config.get("scheduler_kwargs", {}))
     sched = adapter.make(kw)
     sched.set_timesteps(n)
     table = S.DiscreteSchedule.from_alphas_cumprod(sched.alphas_cumprod.double().numpy())
@@ -271,12 +274,12 @@ def run_case(adapter, config: dict, seed: int = 0) -> dict:
         c = step_coeffs(smp, grid, state, pred)[-1]
         # the history D's were formed by diffusers in float32 too, from terms of the sizes recorded for them
         h_terms = [np.abs(h) + t for h, t in zip(state.history, d_terms[::-1][:2])]
-        mag = (np.abs(c.a * x64) + np.abs(c.b * c.c_x * x64) + np.abs(c.b * c.c_m * m_ref)
+        mag = (_step_terms(c, x64, m_ref)
                + (np.abs(c.c1) * h_terms[0] if h_terms and np.any(c.c1 != 0) else 0.0)
                + (np.abs(c.c2) * h_terms[1] if len(h_terms) > 1 and np.any(c.c2 != 0) else 0.0)
                + (np.abs(c.d * draws[0]) if draws else 0.0)
                + adapter.formula_terms(x64, c.c_x * x64 + c.c_m * m_ref))
-        ratios.append(float(np.max(np.abs(theirs - res.x) / (ROUNDINGS * EPS32 * mag + 1e-300))))
+        ratios.append(_ratio(theirs, res.x, mag))
         d_terms.append(np.abs(c.c_x * x64) + np.abs(c.c_m * m_ref))
         all_draws.extend(draws)
         nonfinite += int(np.count_nonzero(~np.isfinite(theirs)))
@@ -295,6 +298,16 @@ def run_case(adapter, config: dict, seed: int = 0) -> dict:
     return case
 
 
+def _step_terms(c, x, m):
+    """Sizes of the terms of one stage's affine combination, |a x| + |b c_x x| + |b c_m m| (float32 rounds each)."""
+    return np.abs(c.a * x) + np.abs(c.b * c.c_x * x) + np.abs(c.b * c.c_m * m)
+
+
+def _ratio(theirs, ours, mag):
+    """max |theirs - ours| / (ROUNDINGS eps32 mag): <= 1 is agreement to float32 rounding."""
+    return float(np.max(np.abs(theirs - ours) / (ROUNDINGS * EPS32 * mag + 1e-300)))
+
+
 def _explain(adapter, sched, table, config, model, pred):
     """Re-run the steps under each alternative hypothesis; the first that reproduces diffusers explains the case."""
     import torch
@@ -311,7 +324,9 @@ def _explain(adapter, sched, table, config, model, pred):
             m = model(x.astype(np.float64), cur).astype(np.float32)
             theirs = sched.step(torch.from_numpy(m), t, torch.from_numpy(x)).prev_sample.double().numpy()
             ours = sample(smp, lambda u, l: m.astype(np.float64), g, x.astype(np.float64), prediction=pred).x
-            if np.max(np.abs(theirs - ours)) > ROUNDINGS * EPS32 * 10 * (1 + np.abs(ours).max()):
+            c = step_coeffs(smp, g, State(), pred)[-1]
+            # the same rule as the cases: a hypothesis explains only if it reproduces diffusers to float32 rounding
+            if _ratio(theirs, ours, _step_terms(c, x.astype(np.float64), m.astype(np.float64))) > 1.0:
                 ok = False
                 break
             x = theirs.astype(np.float32)
