@@ -17,9 +17,21 @@ import numpy as np
 from .._math import exp_remainder
 from .base import Level, Sampler, State
 
-__all__ = ["DPMSolver", "DPMSolverPP", "SDEDPMSolverPP2M", "LOWER_ORDER_FINAL_STEPS"]
+__all__ = ["DPMSolver", "DPMSolverPP", "DPMSolverPPSinglestep", "SDEDPMSolverPP2M", "DEIS", "LOWER_ORDER_FINAL_STEPS",
+           "multistep_order"]
 
 LOWER_ORDER_FINAL_STEPS = 15      # diffusers lowers the final orders only for runs shorter than this
+
+
+def multistep_order(order: int, i: int, n: int, next_is_data: bool, lower_order_final: bool = True) -> int:
+    """The order step i of n uses in a multistep method of ``order``: min(order, i + 1) during the warm-up, 1 into
+    the data, and with ``lower_order_final`` and n < 15 at most n - i (diffusers' convention)."""
+    if next_is_data:
+        return 1
+    out = min(order, i + 1)
+    if lower_order_final and n < LOWER_ORDER_FINAL_STEPS:
+        out = min(out, n - i)
+    return out
 
 
 def _h(cur: Level, nxt: Level):
@@ -77,37 +89,35 @@ class DPMSolver(Sampler):
 
 
 class DPMSolverPP(Sampler):
-    """Multistep DPM-Solver++ in data-prediction form (Lu et al. 2022b, Alg. 2 for 2M with the midpoint rule; the
-    third-order multistep update of their App. B / diffusers for 3M):
+    """Multistep DPM-Solver++ in data-prediction form (Lu et al. 2022b, Alg. 2 for 2M with the midpoint rule; a
+    third-order multistep update for 3M):
 
         x_t = (sigma_t / sigma_s) x_s - alpha_t R1 D_s                                    (order 1)
         2M:  D = (1 + 1/(2r)) D_s - 1/(2r) D_{s-1}, x_t = (sigma_t / sigma_s) x_s - alpha_t R1 D
-        3M:  x_t = (sigma_t / sigma_s) x_s - alpha_t R1 D_s + alpha_t R2 / h D1 - alpha_t R3 / h^2 D2
-    with R_k = exp_remainder(-h, k), D1, D2 the divided differences over the last three data predictions.
+        3M:  x_t = (sigma_t / sigma_s) x_s - alpha_t R1 D_s + alpha_t R2 / h D1 - 2 alpha_t R3 / h^2 D2
+    with R_k = exp_remainder(-h, k), D1 ~ h D' and D2 ~ h^2 D'' / 2 the divided differences over the last three
+    data predictions. The exact solution's D'' term is -alpha_t R3 D'', hence the factor 2 on D2.
 
-    Global order: the warm-up (first step order 1, as in diffusers and k-diffusion) has local error O(h^2), so 3M
-    converges at order 2 overall although its later steps are third order (measured: error ratios -> 4 under step
-    halving). ``global_order`` records this; 2M is unaffected (an O(h^2) first step suffices for order 2).
+    **Finding:** the released DPM-Solver code, diffusers and k-diffusion use -alpha_t R3 / h^2 D2 (half the D''
+    term): their "third-order" steps have local error O(h^3), so 3M runs at order 2 even from an exact warm-up
+    (``halved_d2=True`` reproduces them; measured in tests/test_samplers.py). From a cold start the first-order
+    warm-up step (local error O(h^2)) limits any 3M run to global order 2 as well; ``global_order`` records this.
     """
 
     history_needed = 2
 
-    def __init__(self, order: int = 2, lower_order_final: bool = True):
+    def __init__(self, order: int = 2, lower_order_final: bool = True, halved_d2: bool = False):
         if order not in (1, 2, 3):
             raise ValueError(f"DPM-Solver++ multistep order must be 1, 2 or 3, got {order}")
         self.order = order
         self.global_order = min(order, 2)
         self.lower_order_final = lower_order_final
-        self.name = f"DPMSolver++{order}M"
+        self.d2_scale = 1.0 if halved_d2 else 2.0
+        self.name = f"DPMSolver++{order}M" + ("(halved D2)" if halved_d2 and order == 3 else "")
 
     def step_order(self, state: State, grid) -> int:
-        i, n = state.step, len(grid)
-        order = min(self.order, i + 1)
-        if grid.levels[i + 1].is_data:
-            return 1
-        if self.lower_order_final and n < LOWER_ORDER_FINAL_STEPS:
-            order = min(order, n - i)
-        return order
+        return multistep_order(self.order, state.step, len(grid), grid.levels[state.step + 1].is_data,
+                               self.lower_order_final)
 
     def step(self, ctx, cur: Level, nxt: Level, state: State):
         x = ctx.x
@@ -133,7 +143,7 @@ class DPMSolverPP(Sampler):
         D1 = D1_0 + (D1_0 - D1_1) * (r0 / (r0 + r1))
         D2 = (D1_0 - D1_1) / (r0 + r1)
         return (base + D1 * (nxt.alpha * exp_remainder(-h, 2) / h)
-                - D2 * (nxt.alpha * exp_remainder(-h, 3) / (h * h))), {"order": 3}
+                - D2 * (self.d2_scale * nxt.alpha * exp_remainder(-h, 3) / (h * h))), {"order": 3}
 
 
 class SDEDPMSolverPP2M(Sampler):
@@ -165,3 +175,126 @@ class SDEDPMSolverPP2M(Sampler):
             out = out + (D - ctx.history[0]) / r * (0.5 * nxt.alpha * one_m)
             order = 2
         return out + ctx.noise() * (np.asarray(nxt.sigma) * np.sqrt(one_m)), {"order": order}
+
+
+class DPMSolverPPSinglestep(Sampler):
+    """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1) in data-prediction form: a first-order step to an intermediate
+    level u at lambda_s + r h, then
+
+        D_r = (1 - 1/(2r)) D_s + 1/(2r) D(u),    x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D_r.
+
+    ``intermediate(step, cur, nxt)`` may name the intermediate Level of each step (diffusers' singlestep scheduler
+    uses the grid point between two steps of its timestep list); None there makes that step first order. By
+    default the intermediate is at r = ``r`` from the grid's schedule. A step into the data is first order.
+    """
+
+    history_needed = 0
+    order = 2
+
+    def __init__(self, r: float = 0.5, intermediate=None):
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"r must lie in (0, 1), got {r}")
+        self.r, self.intermediate = float(r), intermediate
+        self.name = "DPMSolver++2S"
+
+    def _mid(self, ctx, step: int, cur: Level, nxt: Level):
+        if self.intermediate is not None:
+            return self.intermediate(step, cur, nxt)
+        return ctx.grid.level_at(np.asarray(cur.log_snr) + self.r * (np.asarray(nxt.log_snr) - np.asarray(cur.log_snr)))
+
+    def step_order(self, state, grid):
+        if grid.levels[state.step + 1].is_data:
+            return 1
+        if self.intermediate is not None and self.intermediate(state.step, grid.levels[state.step],
+                                                               grid.levels[state.step + 1]) is None:
+            return 1
+        return 2
+
+    def step(self, ctx, cur: Level, nxt: Level, state: State):
+        x = ctx.x
+        D = ctx.denoise(x, cur)
+        if nxt.is_data:
+            return D * nxt.alpha, {"order": 1}
+        h = _h(cur, nxt)
+        mid = self._mid(ctx, state.step, cur, nxt)
+        if mid is None:
+            return x * (nxt.sigma / cur.sigma) - D * (nxt.alpha * exp_remainder(-h, 1)), {"order": 1}
+        h0 = _h(cur, mid)
+        r = h0 / h
+        u = x * (mid.sigma / cur.sigma) - D * (mid.alpha * exp_remainder(-h0, 1))
+        D_r = D * (1.0 - 0.5 / r) + ctx.denoise(u, mid) * (0.5 / r)
+        return x * (nxt.sigma / cur.sigma) - D_r * (nxt.alpha * exp_remainder(-h, 1)), {"order": 2}
+
+
+def _lagrange_integrals(nodes, lo, hi):
+    """int_lo^hi L_j(u) e^u du for the Lagrange basis L_j on ``nodes`` (u = log rho, so the integral is over rho):
+    the antiderivative of P(u) e^u is e^u (P - P' + P''), exact for the degree <= 2 bases used here; an end at
+    rho = 0 (u = -inf) contributes 0."""
+    k = len(nodes)
+    out = []
+    for j in range(k):
+        others = [nodes[m] for m in range(k) if m != j]
+        den = 1.0
+        for o in others:
+            den = den * (nodes[j] - o)
+
+        def anti(u):
+            if k == 1:
+                poly = 1.0
+            elif k == 2:
+                poly = (u - others[0] - 1.0) / den
+            else:
+                a, b = others
+                poly = ((u - a) * (u - b) - (2.0 * u - a - b) + 2.0) / den
+            with np.errstate(invalid="ignore", divide="ignore"):
+                val = np.exp(u) * poly
+            return np.where(np.isneginf(u), 0.0, val)
+        out.append(anti(hi) - anti(lo))
+    return out
+
+
+class DEIS(Sampler):
+    """DEIS-AB with the log-rho polynomial (Zhang & Chen 2023; diffusers ``DEISMultistepScheduler``, ``logrho``): on
+    rho = sigma / alpha the PF ODE is d(x / alpha) / d rho = eps, and eps is extrapolated by the Lagrange polynomial
+    in log rho through the last ``order`` noise predictions:
+
+        x_t / alpha_t = x_s / alpha_s + sum_j eps_j int_{rho_s}^{rho_t} L_j(log rho) d rho.
+
+    Order 1 is DDIM. The past eps_j = (x_j - alpha_j D_j) / sigma_j need the past x_j, which the kernel's slots do
+    not carry: this sampler has a paper form only (the past values travel in ``State.extra``). Orders follow the
+    multistep rule (warm-up, lower_order_final); like DPM-Solver++ 3M, the first-order warm-up limits the global
+    order to 2.
+    """
+
+    history_needed = 0
+
+    def __init__(self, order: int = 2, lower_order_final: bool = True):
+        if order not in (1, 2, 3):
+            raise ValueError(f"DEIS order must be 1, 2 or 3, got {order}")
+        self.order, self.lower_order_final = order, lower_order_final
+        self.global_order = min(order, 2)
+        self.name = f"DEIS-{order}"
+
+    def step_order(self, state, grid):
+        return multistep_order(self.order, state.step, len(grid), grid.levels[state.step + 1].is_data,
+                               self.lower_order_final)
+
+    def step(self, ctx, cur: Level, nxt: Level, state: State):
+        if ctx.symbolic:
+            raise NotImplementedError("DEIS extrapolates past eps_j = (x_j - alpha_j D_j) / sigma_j, which need past "
+                                      "x_j: no per-stage coefficients in the kernel's slots")
+        x = ctx.x
+        D = ctx.denoise(x, cur)
+        eps = (x - D * cur.alpha) / cur.sigma
+        order = self.step_order(state, ctx.grid)
+        past = state.extra.get("eps", ())
+        eps_k = (eps,) + tuple(past[:order - 1])
+        with np.errstate(divide="ignore"):
+            logs = [np.log(np.asarray(cur.sigma_ve))] + list(state.extra.get("log_rho", ())[:order - 1])
+            lo, hi = logs[0], np.log(np.asarray(nxt.sigma_ve))
+        coefs = _lagrange_integrals(logs, lo, hi)
+        out = x / cur.alpha
+        for c, e in zip(coefs, eps_k):
+            out = out + e * c
+        keep = {"eps": (eps,) + tuple(past[:1]), "log_rho": tuple(logs[:2]), "order": order}
+        return out * nxt.alpha, keep

@@ -18,7 +18,7 @@ import numpy as np
 
 from .._math import exp_remainder
 from .base import Affine, Level, Sampler, State
-from .dpm_solver import LOWER_ORDER_FINAL_STEPS
+from .dpm_solver import multistep_order
 
 __all__ = ["UniPC", "UNIPC_VARIANTS"]
 
@@ -48,10 +48,7 @@ class UniPC(Sampler):
         return np.expm1(hh), B, b
 
     def _order_at(self, i: int, n: int, grid) -> int:
-        order = min(self.p, i + 1)
-        if grid.levels[i + 1].is_data or (self.lower_order_final and n < LOWER_ORDER_FINAL_STEPS):
-            order = min(order, n - i) if not grid.levels[i + 1].is_data else 1
-        return order
+        return multistep_order(self.p, i, n, grid.levels[i + 1].is_data, self.lower_order_final)
 
     def predict(self, x, D, D_prev, lv_prev, cur: Level, nxt: Level, order: int):
         """UniP from cur to nxt: x^p = (sigma_t / sigma_s) x - alpha_t (e^{-h} - 1) D - alpha_t B(h) rho D1."""
