@@ -149,22 +149,27 @@ def _sampler_cases(store: dict):
                     {"declared": float(c["declared"]), "measured": c["measured"]}, c["rule"], c["verdict"] == "pass")
 
 
-def _conformance_cases():
+def _conformance_cases(store: dict):
     """diffusers' schedulers against the reference (quick grid). A discrepancy explained by a confirmed hypothesis
     (a known diffusers bug) is a finding, reported; an unexplained one is a verification failure."""
     try:
         from .check.runner import run_check
 
         doc = run_check("diffusers", quick=True)
+        store["conformance"] = [{k: c.get(k) for k in ("scheduler", "variant", "beta_schedule", "timestep_spacing",
+                                                        "steps", "prediction_type", "dtype", "per_step_ratio",
+                                                        "end_to_end_max_abs", "nonfinite", "verdict", "finding")}
+                                for c in doc["cases"]]
     except Exception as exc:                       # diffusers / torch absent
         yield {"group": "conformance", "name": "diffusers schedulers", "metric": {}, "rule": "refdiff check",
                "verdict": "not run", "detail": f"{type(exc).__name__}: {exc}"}
         return
-    for name in dict.fromkeys(c["scheduler"] for c in doc["cases"]):
-        cs = [c for c in doc["cases"] if c["scheduler"] == name]
+    for name in dict.fromkeys((c["scheduler"], c["variant"]) for c in doc["cases"]):
+        cs = [c for c in doc["cases"] if (c["scheduler"], c["variant"]) == name]
+        name = f"{name[0]}[{name[1]}]" if name[1] else name[0]
         agree = sum(c["verdict"] == "pass" for c in cs)
         explained = [c for c in cs if c["verdict"] == "fail" and c.get("finding", "").startswith("explained")]
-        findings = "; ".join(f"{c['timestep_spacing']} x {c['steps']} steps: {c['finding']}" for c in explained)
+        findings = "; ".join(dict.fromkeys(c["finding"] for c in explained))
         case = _case("conformance", f"diffusers {name}", {"cases": len(cs), "agree": agree,
                                                           "explained_findings": len(explained)},
                      "agree to float32 rounding, or the discrepancy explained by a confirmed hypothesis",
@@ -223,7 +228,7 @@ def run_report(seed: int = 0, progress: bool | None = None) -> dict:
     extra = {}
     groups = [("schedules", _schedule_cases), ("oracles", lambda: _oracle_cases(rng)),
               ("objectives", lambda: _objective_cases(rng)), ("likelihood", lambda: _likelihood_cases(rng)),
-              ("samplers", lambda: _sampler_cases(extra)), ("conformance", _conformance_cases),
+              ("samplers", lambda: _sampler_cases(extra)), ("conformance", lambda: _conformance_cases(extra)),
               ("kernels", _kernel_cases),
               ("rng", _rng_cases)]
     cases, seconds = [], {}
@@ -306,8 +311,66 @@ def write_report(report: dict, out_dir) -> list[Path]:
         if order_png is not None:
             lines += ["![log-log convergence of the samplers](order.png)", ""]
             paths.append(order_png)
+    if report.get("conformance"):
+        lines += _findings_markdown(report["conformance"])
+        conf_png = _plot_findings(report["conformance"], out / "conformance.png")
+        if conf_png is not None:
+            lines += ["![per-step ratio to the rounding rule, diffusers against refdiff](conformance.png)", ""]
+            paths.append(conf_png)
     paths[1].write_text("\n".join(lines))
     return paths
+
+
+def _findings_markdown(cases) -> list:
+    """The diffusers discrepancies of the quick grid: configuration, worst per-step ratio to the rule, explanation."""
+    bad = [c for c in cases if c["verdict"] == "fail"]
+    lines = ["## diffusers findings", "",
+             f"{len(cases) - len(bad)} of {len(cases)} scheduler configurations agree with refdiff to float32 "
+             "rounding (rule: per step |diffusers - refdiff| <= 4 u x the running rounding bound of the step; "
+             "`refdiff check diffusers` runs the full grid).", ""]
+    if not bad:
+        return lines
+    lines += ["| scheduler | configuration | worst step ratio | non-finite | finding |", "|---|---|---|---|---|"]
+    for c in bad:
+        name = f"{c['scheduler']}[{c['variant']}]" if c.get("variant") else c["scheduler"]
+        ratios = [r for r in c.get("per_step_ratio") or [] if np.isfinite(r)]
+        worst = f"{max(ratios):.3g}" if ratios else "nan"
+        lines.append(f"| {name} | {c['beta_schedule']}, {c['timestep_spacing']}, {c['steps']} steps, "
+                     f"{c['prediction_type']}, {c['dtype']} | {worst} | {c.get('nonfinite', 0)} | "
+                     f"{_cell(c.get('finding', ''))} |")
+    return lines + [""]
+
+
+def _plot_findings(cases, path: Path):
+    """Per-step ratio to the rule (log scale) of every disagreeing case, with the agreeing cases' envelope."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    ok = [r for c in cases if c["verdict"] == "pass" for r in (c.get("per_step_ratio") or [])]
+    if ok:
+        ax.axhspan(1e-6, max(ok), color="0.85", label=f"agreeing cases (max {max(ok):.2g})")
+    for c in cases:
+        ratios = np.asarray(c.get("per_step_ratio") or [], dtype=float)
+        if c["verdict"] != "fail" or not np.any(np.isfinite(ratios)):
+            continue
+        name = f"{c['scheduler']}[{c['variant']}]" if c.get("variant") else c["scheduler"]
+        ax.semilogy(np.arange(1, len(ratios) + 1), np.maximum(ratios, 1e-6), marker="o", ms=3,
+                    label=f"{name} {c['timestep_spacing']} {c['steps']} steps {c['prediction_type']}")
+    ax.axhline(1.0, color="k", lw=1, ls="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("|diffusers - refdiff| / rounding bound")
+    ax.set_title("diffusers against refdiff, per step (ratio <= 1: float32 rounding)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _plot_schedules(path: Path):

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -11,24 +12,95 @@ from refdiff import cli  # noqa: E402
 from refdiff.check import diffusers_schedulers as DS  # noqa: E402
 from refdiff.check.runner import run_check  # noqa: E402
 
-CONFIG = dict(beta_schedule="scaled_linear", prediction_type="epsilon")
+CONFIG = dict(beta_schedule="scaled_linear", prediction_type="epsilon", dtype="float32")
 
 
-@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
-                                  "UniPCMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
-@pytest.mark.parametrize("spacing,steps", [("leading", 10), ("trailing", 25), ("leading", 1)])
-def test_mapped_schedulers_agree_to_float32_rounding(name, spacing, steps):
-    case = DS.run_case(DS.SCHEDULERS[name](diffusers), dict(CONFIG, timestep_spacing=spacing, steps=steps))
+def _config(adapter, steps, **kw):
+    """The adapter's first schedule / spacing / prediction (EDM and flow matching have their own axes)."""
+    base = dict(variant=next(iter(adapter.variants)), beta_schedule="scaled_linear" if "scaled_linear" in
+                adapter.schedules else adapter.schedules[0], timestep_spacing="trailing" if "trailing" in
+                adapter.spacings else adapter.spacings[0], steps=steps, prediction_type=adapter.predictions[0],
+                dtype="float32")
+    return {**base, **kw}
+
+
+AGREEING = [(name, variant) for name, cls in DS.SCHEDULERS.items() for variant in cls.variants if variant != "3M"]
+
+
+@pytest.mark.parametrize("name,variant", AGREEING, ids=lambda v: v or "default")
+@pytest.mark.parametrize("steps", [1, 10, 25])
+def test_mapped_schedulers_agree_to_float32_rounding(name, variant, steps):
+    """Every mapped scheduler (one- and two-stage, multistep, stochastic, VE / EDM / flow spaces) agrees with its
+    refdiff sampler step by step under the rounding rule; its float32 trajectory stays near the float64 one."""
+    adapter = DS.SCHEDULERS[name](diffusers)
+    case = DS.run_case(adapter, _config(adapter, steps, variant=variant))
     assert case["verdict"] == "pass", case
     assert case["nonfinite"] == 0 and case["duplicate_timesteps"] == 0
     assert case["end_to_end_max_abs"] < 1e-3                 # float32 trajectory vs float64 reference
 
 
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+                                  "DPMSolverSinglestepScheduler", "FlowMatchEulerDiscreteScheduler"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_samples_agree_at_their_unit_roundoff(name, dtype):
+    adapter = DS.SCHEDULERS[name](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10, dtype=dtype))
+    assert case["verdict"] == "pass", case
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                  "UniPCMultistepScheduler"])
+def test_zero_terminal_snr_with_v_prediction(name):
+    """alpha_bar_T = 0 (Lin et al. 2024): the first level has alpha = 0 and log-SNR -inf; v prediction defines x0."""
+    adapter = DS.SCHEDULERS[name](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10, beta_schedule="zero_snr", prediction_type="v_prediction"))
+    assert case["verdict"] == "pass", case
+    assert case["sigmas"][0] == np.inf or case["sigmas"][0] > 1e3
+
+
+def test_zero_snr_grid_has_no_eps_cases():
+    cases = DS.default_cases(DS.SCHEDULERS["DDIMScheduler"](diffusers))
+    assert any(c["beta_schedule"] == "zero_snr" for c in cases)
+    assert all(c["prediction_type"] == "v_prediction" for c in cases if c["beta_schedule"] == "zero_snr")
+
+
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
 def test_other_prediction_types(prediction):
     case = DS.run_case(DS.SCHEDULERS["DPMSolverMultistepScheduler"](diffusers),
-                       dict(beta_schedule="linear", prediction_type=prediction, timestep_spacing="trailing", steps=10))
+                       dict(CONFIG, beta_schedule="linear", prediction_type=prediction, timestep_spacing="trailing",
+                            steps=10))
     assert case["verdict"] == "pass", case
+
+
+def test_dpmsolver_3m_finding_is_explained():
+    """diffusers' 3M update (from the released DPM-Solver code) halves the D'' term: the correct third-order step
+    disagrees far beyond rounding once the third order is used; the halved-D2 hypothesis reproduces it exactly."""
+    adapter = DS.SCHEDULERS["DPMSolverMultistepScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10, variant="3M"))
+    assert case["verdict"] == "fail" and max(case["per_step_ratio"][:2]) <= 1.0 < case["per_step_ratio"][2]
+    assert case["finding"].startswith("explained: the released DPM-Solver++ 3M update halves the D'' term")
+
+
+@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "DPMSolverSinglestepScheduler", "LMSDiscreteScheduler",
+                                  "DEISMultistepScheduler", "DDPMScheduler"])
+def test_a_small_error_in_the_target_is_caught(name, monkeypatch):
+    """Mutation: the target's output scaled by 1 + 1e-4 (~1700 float32 units) must fail, unexplained."""
+    adapter = DS.SCHEDULERS[name](diffusers)
+    real = adapter.cls.step
+
+    def off(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        out.prev_sample = out.prev_sample * (1 + 1e-4)
+        return out
+    monkeypatch.setattr(adapter.cls, "step", off)
+    case = DS.run_case(adapter, _config(adapter, 10))
+    assert case["verdict"] == "fail" and case["finding"].startswith("unexplained"), case
+
+
+def test_two_stage_schedulers_consume_one_call_per_stage():
+    adapter = DS.SCHEDULERS["HeunDiscreteScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10))
+    assert len(case["timesteps"]) == 2 * 10 - 1 and len(case["per_step_ratio"]) == 10
 
 
 @pytest.mark.parametrize("spacing,steps", [("linspace", 10), ("trailing", 3)])
@@ -53,22 +125,34 @@ def test_cli_writes_reports_and_saves_failing_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["collections:OrderedDict", "diffusers:NoSuchScheduler", "no_such_module:x",
-                                    "diffusers:HeunDiscreteScheduler"])
+                                    "diffusers:DPMSolverSDEScheduler", "protocol_scheduler:NoSampler"])
 def test_unknown_targets_exit_2(target, capsys):
     assert cli.main(["check", target]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     if target.startswith("collections"):
         assert "found []" in err and "missing ['set_timesteps', 'step'" in err
+    if target.endswith("NoSampler"):
+        assert "missing ['refdiff_sampler']" in err
+    if target.endswith("SDEScheduler"):
+        assert "Brownian" in err
+
+
+def test_a_protocol_target_is_checked(tmp_path):
+    """A scheduler outside diffusers (tests/protocol_scheduler.py) following the documented step protocol."""
+    assert cli.main(["check", "protocol_scheduler:ddim", "--quick", "--out", str(tmp_path)]) == cli.EXIT_PASS
+    doc = run_check("protocol_scheduler:ddim_off_by_one", quick=True)
+    fp32 = [c for c in doc["cases"] if c["dtype"] == "float32"]
+    assert fp32 and all(c["verdict"] == "fail" and c["finding"].startswith("unexplained") for c in fp32)
 
 
 def test_a_target_that_raises_fails_only_its_case(monkeypatch):
     adapter_cls = DS.SCHEDULERS["EulerDiscreteScheduler"]
     real = adapter_cls.make
 
-    def flaky(self, config):
+    def flaky(self, config, variant):
         if config["timestep_spacing"] == "trailing":
             raise RuntimeError("boom")
-        return real(self, config)
+        return real(self, config, variant)
 
     monkeypatch.setattr(adapter_cls, "make", flaky)
     doc = run_check("diffusers:EulerDiscreteScheduler", quick=True)
@@ -80,8 +164,7 @@ def test_a_target_that_raises_fails_only_its_case(monkeypatch):
 def test_euler_ancestral_nan_is_found_and_explained():
     """diffusers #14213 reproduced with the real code: squaredcos_cap_v2 (sigma_max ~ 2e4), trailing, 3 steps."""
     case = DS.run_case(DS.SCHEDULERS["EulerAncestralDiscreteScheduler"](diffusers),
-                       dict(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", timestep_spacing="trailing",
-                            steps=3))
+                       dict(CONFIG, beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing", steps=3))
     assert case["verdict"] == "fail" and case["nonfinite"] > 0
     assert case["finding"].startswith("explained: diffusers #14213")
 
@@ -91,7 +174,7 @@ def test_euler_v_prediction_is_translated_between_vp_and_ve(name):
     """diffusers' models predict the VP v; the VE-grid reference reads v / alpha. Without that translation every
     case would disagree; with it they agree to diffusers' own float32 bound, long first steps included."""
     for b, sp, n in (("linear", "trailing", 1), ("scaled_linear", "leading", 10)):
-        case = DS.run_case(DS.SCHEDULERS[name](diffusers), dict(beta_schedule=b, prediction_type="v_prediction",
+        case = DS.run_case(DS.SCHEDULERS[name](diffusers), dict(CONFIG, beta_schedule=b, prediction_type="v_prediction",
                                                                 timestep_spacing=sp, steps=n))
         assert case["verdict"] == "pass", case
 

@@ -1,10 +1,21 @@
 """``refdiff check TARGET``: resolve the target, run its cases, write JSON + markdown, return an exit code.
 
 Targets: ``kernels`` (our Triton kernels against the reference), ``diffusers`` (every mapped scheduler),
-``diffusers:NAME`` (one scheduler), or ``module:callable`` returning
-an object with the scheduler protocol below (diffusers' own: set_timesteps / step / timesteps / alphas_cumprod).
-An unknown object exits 2 naming the protocol methods found and missing; a target that raises mid-run fails that
-case (the exception recorded) and the rest still run.
+``diffusers:NAME`` (one scheduler), or ``module:callable`` following the step protocol:
+
+    callable(config: dict) -> scheduler
+        config holds diffusers-style keys: num_train_timesteps, beta_schedule, beta_start, beta_end,
+        prediction_type ("epsilon" | "v_prediction"), timestep_spacing, steps_offset
+    scheduler.set_timesteps(n)              then scheduler.timesteps: descending integer indices into
+    scheduler.alphas_cumprod                the training table alpha_bar (length num_train_timesteps)
+    scheduler.step(model_output, t, sample, generator=None) -> object with .prev_sample, or a tensor
+        (torch tensors, as diffusers; a stochastic step draws torch.randn(sample.shape, generator=generator,
+        dtype=sample.dtype))
+    scheduler.refdiff_sampler               the refdiff sampler it implements: a key of PROTOCOL_SAMPLERS
+                                            ("ddim", "ddpm", "dpmsolver++2m", ...); its last step goes to the data
+
+An object without these exits 2 naming the protocol methods found and missing; a target that raises mid-run fails
+that case (the exception recorded) and the rest still run.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import numpy as np
 
 __all__ = ["PROTOCOL_METHODS", "run_check", "write_check", "resolve"]
 
-PROTOCOL_METHODS = ("set_timesteps", "step", "timesteps", "alphas_cumprod", "config")
+PROTOCOL_METHODS = ("set_timesteps", "step", "timesteps", "alphas_cumprod", "refdiff_sampler")
 SCHEMA = "refdiff.check/1"
 
 
@@ -36,14 +47,16 @@ def resolve(target: str):
             import diffusers
         except ImportError as exc:
             raise UsageError(f"diffusers is not installed: {exc}") from None
+        # diffusers logs a warning whenever a configuration adjusts itself (e.g. lower_order_final); the check
+        # records the configuration it ran, so keep the console to the verdicts
+        diffusers.utils.logging.set_verbosity_error()
         names = list(DS.SCHEDULERS) if not name else [name]
         out = []
         for n in names:
             if n in DS.SCHEDULERS:
                 out.append(DS.SCHEDULERS[n](diffusers))
             elif n in DS.UNMAPPED:
-                raise UsageError(f"diffusers:{n} maps onto a refdiff sampler but has no adapter yet; mapped: "
-                                 f"{sorted(DS.SCHEDULERS)}")
+                raise UsageError(f"diffusers:{n} is not checked: {DS.UNMAPPED[n]}; mapped: {sorted(DS.SCHEDULERS)}")
             else:
                 raise UsageError(f"unknown diffusers scheduler {n!r}; mapped: {sorted(DS.SCHEDULERS)}")
         return out
@@ -51,13 +64,30 @@ def resolve(target: str):
         obj = getattr(importlib.import_module(module), name) if name else importlib.import_module(module)
     except (ImportError, AttributeError) as exc:
         raise UsageError(f"cannot import {target!r}: {exc}") from None
-    inst = obj() if callable(obj) else obj
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"custom targets run on torch tensors: {exc}") from None
+    probe_config = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=8.5e-4, beta_end=1.2e-2,
+                        prediction_type="epsilon", timestep_spacing="trailing")
+    try:
+        inst = obj(probe_config) if callable(obj) else obj
+    except Exception as exc:                     # not a factory of the protocol (e.g. a class needing no config)
+        raise UsageError(f"{target} is not a scheduler factory: calling it with a config raised "
+                         f"{type(exc).__name__}: {exc}; missing {list(PROTOCOL_METHODS)}") from None
+    if callable(getattr(inst, "set_timesteps", None)):
+        try:
+            inst.set_timesteps(2)                # timesteps exist once set
+        except Exception as exc:
+            raise UsageError(f"{target}: set_timesteps(2) raised {type(exc).__name__}: {exc}") from None
     found = [m for m in PROTOCOL_METHODS if hasattr(inst, m)]
     missing = [m for m in PROTOCOL_METHODS if m not in found]
     if missing:
         raise UsageError(f"{target} does not follow the scheduler protocol: found {found}, missing {missing}")
-    raise UsageError(f"{target} follows the protocol, but custom targets need an adapter naming the sampler they "
-                     "implement; only diffusers' mapped schedulers run today")
+    try:
+        return [DS.ProtocolAdapter(obj, target)]
+    except ValueError as exc:
+        raise UsageError(f"{target}: {exc}") from None
 
 
 def _kernel_check() -> dict:
@@ -73,7 +103,7 @@ def _kernel_check() -> dict:
     env = env_info()
     return {"schema": SCHEMA, "refdiff_version": env["refdiff"], "env": env, "target": "kernels", "backend": backend,
             "verdict": "fail" if any(c["verdict"] == "fail" for c in cases) else "pass",
-            "rule": "|kernel - ref64| <= 2 |naive same-dtype - ref64| + 2 ulp (tensor maxima)", "unmapped": [],
+            "rule": "|kernel - ref64| <= 2 |naive same-dtype - ref64| + 2 ulp (tensor maxima)", "unmapped": {},
             "cases": cases}
 
 
@@ -86,7 +116,7 @@ def run_check(target: str, quick: bool = False, progress=None) -> dict:
     adapters = resolve(target)
     cases = []
     for adapter in adapters:
-        for config in DS.default_cases(quick):
+        for config in DS.default_cases(adapter, quick):
             try:
                 case = DS.run_case(adapter, config)
             except Exception as exc:               # the target raised mid-run: that case fails, the rest run
@@ -99,8 +129,9 @@ def run_check(target: str, quick: bool = False, progress=None) -> dict:
     env = env_info()
     verdict = "fail" if any(c["verdict"] == "fail" for c in cases) else "pass"
     return {"schema": SCHEMA, "refdiff_version": env["refdiff"], "env": env, "target": target, "verdict": verdict,
-            "rule": "per step |diffusers - refdiff| <= 16 eps32 x (sum of the step's term magnitudes), same inputs",
-            "unmapped": list(DS.UNMAPPED), "cases": cases}
+            "rule": f"per step |diffusers - refdiff| <= {DS.R} u (running rounding bound of the step's formula + "
+                    "float32 level differences), same inputs; u = unit roundoff of the sample dtype",
+            "unmapped": DS.UNMAPPED, "cases": cases}
 
 
 def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
@@ -126,8 +157,7 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
         lines.append(f"| {c['scheduler']} | {c['beta_schedule']} | {c['timestep_spacing']} | {c['steps']} | "
                      f"{c['prediction_type']} | {ratio} | {e2e} | {c.get('duplicate_timesteps', '-')} | "
                      f"{c['verdict']} | {c.get('finding', '')} |")
-    lines += ["", "Mapped onto refdiff samplers but without an adapter yet (not run): " + ", ".join(doc["unmapped"]),
-              ""]
+    lines += ["", "Not checked: " + "; ".join(f"{k} ({v})" for k, v in doc["unmapped"].items()), ""]
     paths[1].write_text("\n".join(lines))
     if save_inputs != "never":
         for k, c in enumerate(doc["cases"]):

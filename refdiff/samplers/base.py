@@ -55,8 +55,9 @@ class Level:
 
     @property
     def sigma_ve(self):
-        """sigma / alpha: the VE / EDM noise level of the same marginal."""
-        return np.asarray(self.sigma, dtype=np.float64) / np.asarray(self.alpha, dtype=np.float64)
+        """sigma / alpha: the VE / EDM noise level of the same marginal (inf at SNR 0, alpha = 0)."""
+        with np.errstate(divide="ignore"):
+            return np.asarray(self.sigma, dtype=np.float64) / np.asarray(self.alpha, dtype=np.float64)
 
     @property
     def is_data(self) -> bool:

@@ -18,7 +18,7 @@ from .._math import exp_remainder
 from .base import Level, Sampler, State
 
 __all__ = ["DPMSolver", "DPMSolverPP", "DPMSolverPPSinglestep", "SDEDPMSolverPP2M", "DEIS", "LOWER_ORDER_FINAL_STEPS",
-           "multistep_order"]
+           "multistep_order", "lagrange_antiderivatives"]
 
 LOWER_ORDER_FINAL_STEPS = 15      # diffusers lowers the final orders only for runs shorter than this
 
@@ -226,10 +226,10 @@ class DPMSolverPPSinglestep(Sampler):
         return x * (nxt.sigma / cur.sigma) - D_r * (nxt.alpha * exp_remainder(-h, 1)), {"order": 2}
 
 
-def _lagrange_integrals(nodes, lo, hi):
-    """int_lo^hi L_j(u) e^u du for the Lagrange basis L_j on ``nodes`` (u = log rho, so the integral is over rho):
-    the antiderivative of P(u) e^u is e^u (P - P' + P''), exact for the degree <= 2 bases used here; an end at
-    rho = 0 (u = -inf) contributes 0."""
+def lagrange_antiderivatives(nodes, u):
+    """A_j(u) with A_j' = L_j(u) e^u, for the Lagrange basis L_j on ``nodes`` (u = log rho: int L_j(log rho) d rho
+    = A_j(log rho_t) - A_j(log rho_s)). A_j = e^u (P - P' + P''), exact for the degree <= 2 bases used here;
+    A_j(-inf) = 0 (an end at rho = 0)."""
     k = len(nodes)
     out = []
     for j in range(k):
@@ -237,20 +237,22 @@ def _lagrange_integrals(nodes, lo, hi):
         den = 1.0
         for o in others:
             den = den * (nodes[j] - o)
-
-        def anti(u):
-            if k == 1:
-                poly = 1.0
-            elif k == 2:
-                poly = (u - others[0] - 1.0) / den
-            else:
-                a, b = others
-                poly = ((u - a) * (u - b) - (2.0 * u - a - b) + 2.0) / den
-            with np.errstate(invalid="ignore", divide="ignore"):
-                val = np.exp(u) * poly
-            return np.where(np.isneginf(u), 0.0, val)
-        out.append(anti(hi) - anti(lo))
+        if k == 1:
+            poly = 1.0
+        elif k == 2:
+            poly = (u - others[0] - 1.0) / den
+        else:
+            a, b = others
+            poly = ((u - a) * (u - b) - (2.0 * u - a - b) + 2.0) / den
+        with np.errstate(invalid="ignore", divide="ignore"):
+            val = np.exp(u) * poly
+        out.append(np.where(np.isneginf(u), 0.0, val))
     return out
+
+
+def _lagrange_integrals(nodes, lo, hi):
+    """int_lo^hi L_j(u) e^u du for each basis function (see ``lagrange_antiderivatives``)."""
+    return [b - a for a, b in zip(lagrange_antiderivatives(nodes, lo), lagrange_antiderivatives(nodes, hi))]
 
 
 class DEIS(Sampler):

@@ -1,0 +1,99 @@
+"""A running rounding-error bound (Wilkinson's running error analysis) for the paper-form steps of the samplers.
+
+``Bounded(v, e)`` is a float64 value v with a bound e, in units of the unit roundoff u, on the error of computing
+v in a lower precision by the same sequence of operations: a sum adds its operands' bounds and one rounding of the
+result (|v|), a scaling by a coefficient c scales the bound by |c| and adds one rounding. Inputs that both sides
+share exactly (the float32 sample, the model output, the injected noise) start with e = 0.
+
+Every affine sampler step only adds, subtracts and scales by level coefficients (the symbolic context proves it),
+so the same paper-form code runs on ``Bounded`` values: the result carries the reference value and a bound of the
+float32 error of the paper's formula, |fp32 - exact| <= u e (to first order). An implementation that associates the
+same terms differently, or forms its coefficients in float32 from a few operations, stays within a small multiple
+of it; implementations whose coefficients cancel (1 - alpha_bar_t / alpha_bar_s) add their own terms (see
+``diffusers_schedulers``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["Bounded", "BoundedContext", "exact"]
+
+
+class Bounded:
+    __slots__ = ("v", "e")
+    __array_priority__ = 1000          # numpy arrays and scalars defer to our reflected operators
+
+    def __init__(self, v, e):
+        self.v = np.asarray(v, dtype=np.float64)
+        self.e = np.asarray(e, dtype=np.float64)
+
+    def __add__(self, other):
+        if isinstance(other, Bounded):
+            v = self.v + other.v
+            return Bounded(v, self.e + other.e + np.abs(v))
+        if np.all(np.asarray(other) == 0):
+            return self
+        raise TypeError("only bounded values (or 0) can be added to a bounded value")
+
+    __radd__ = __add__
+
+    def __neg__(self):
+        return Bounded(-self.v, self.e)
+
+    def __sub__(self, other):
+        return self + (-other)
+
+    def __rsub__(self, other):
+        return (-self) + other
+
+    def __mul__(self, c):
+        if isinstance(c, Bounded):
+            raise TypeError("a step is affine: bounded values are only scaled by coefficients")
+        c = np.asarray(c, dtype=np.float64)
+        v = self.v * c
+        return Bounded(v, np.abs(c) * self.e + np.abs(v))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c):
+        return self * (1.0 / np.asarray(c, dtype=np.float64))
+
+    def __repr__(self):
+        return f"Bounded(max|v| {np.max(np.abs(self.v)):.3g}, max e {np.max(self.e):.3g})"
+
+
+def exact(v) -> Bounded:
+    """A value both sides share exactly (no rounding to account for)."""
+    return Bounded(v, 0.0)
+
+
+class BoundedContext:
+    """Runs a sampler's paper-form step on Bounded values. ``denoise(u, level) -> Bounded D`` and ``noise() -> array``
+    are supplied by the caller (e.g. a replay of a third-party implementation's model calls); every evaluation is
+    recorded with its input in ``stages``."""
+
+    symbolic = False
+
+    def __init__(self, x: Bounded, denoise, noise, history, grid):
+        self.x = x
+        self.grid = grid
+        self._denoise = denoise
+        self._noise = noise
+        self.history = history
+        self.evaluated = []
+        self.stages = []
+        self.draws = []
+        self.n_noise = 0
+
+    def denoise(self, x, level):
+        d = self._denoise(x, level)
+        self.evaluated.append(d)
+        self.stages.append((x, level, d))
+        return d
+
+    def noise(self):
+        self.n_noise += 1
+        z = np.asarray(self._noise(), dtype=np.float64)
+        self.draws.append(z)
+        return exact(z)

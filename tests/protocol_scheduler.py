@@ -1,0 +1,69 @@
+"""Schedulers outside diffusers that follow ``refdiff check``'s step protocol (see refdiff.check.runner): DDIM
+written from the paper on torch tensors, and the same with an off-by-one table read, as a check must catch it."""
+
+import math
+
+import numpy as np
+import torch
+
+
+def _betas(config):
+    T, kind = config["num_train_timesteps"], config["beta_schedule"]
+    if kind == "linear":
+        return np.linspace(config["beta_start"], config["beta_end"], T)
+    if kind == "scaled_linear":
+        return np.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, T) ** 2
+    if kind == "squaredcos_cap_v2":
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)])
+    raise ValueError(f"unsupported beta_schedule {kind!r}")
+
+
+class PaperDDIM:
+    refdiff_sampler = "ddim"
+
+    def __init__(self, config, off_by_one=False):
+        self.T = config["num_train_timesteps"]
+        self.prediction_type = config["prediction_type"]
+        self.alphas_cumprod = torch.tensor(np.cumprod(1.0 - _betas(config)), dtype=torch.float32)
+        self.off_by_one = off_by_one
+
+    def set_timesteps(self, n):
+        self.timesteps = torch.from_numpy(np.round(np.linspace(self.T - 1, 0, n)).astype(np.int64))
+        nxt = list(self.timesteps[1:].tolist()) + [-1]
+        self._next = dict(zip(self.timesteps.tolist(), nxt))
+
+    def step(self, model_output, t, sample, generator=None):
+        t = int(t)
+        prev = self._next[t]
+        a_t = self.alphas_cumprod[max(t - 1, 0) if self.off_by_one else t]
+        a_p = self.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
+        if self.prediction_type == "v_prediction":
+            x0 = a_t.sqrt() * sample - (1 - a_t).sqrt() * model_output
+            eps = a_t.sqrt() * model_output + (1 - a_t).sqrt() * sample
+        else:
+            eps = model_output
+            x0 = (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        return a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps
+
+
+def ddim(config):
+    return PaperDDIM(config)
+
+
+def ddim_off_by_one(config):
+    return PaperDDIM(config, off_by_one=True)
+
+
+class NoSampler:
+    """Has the scheduler methods but does not say which refdiff sampler it implements."""
+
+    def __init__(self, config):
+        self.alphas_cumprod = torch.ones(10)
+        self.timesteps = torch.arange(1)
+
+    def set_timesteps(self, n):
+        pass
+
+    def step(self, *args, **kwargs):
+        pass
