@@ -82,7 +82,7 @@ def test_dpmsolver_3m_finding_is_explained():
 
 
 @pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "DPMSolverSinglestepScheduler", "LMSDiscreteScheduler",
-                                  "DEISMultistepScheduler", "DDPMScheduler"])
+                                  "DEISMultistepScheduler", "DDPMScheduler", "DPMSolverSDEScheduler"])
 def test_a_small_error_in_the_target_is_caught(name, monkeypatch):
     """Mutation: the target's output scaled by 1 + 1e-4 (~1700 float32 units) must fail, unexplained."""
     adapter = DS.SCHEDULERS[name](diffusers)
@@ -95,6 +95,17 @@ def test_a_small_error_in_the_target_is_caught(name, monkeypatch):
     monkeypatch.setattr(adapter.cls, "step", off)
     case = DS.run_case(adapter, _config(adapter, 10))
     assert case["verdict"] == "fail" and case["finding"].startswith("unexplained"), case
+
+
+def test_brownian_tree_noise_is_replayed():
+    """DPMSolverSDEScheduler draws two overlapping Brownian increments per step from a torchsde tree; the check
+    records them for the reference. Fresh Gaussian draws instead would disagree far beyond rounding."""
+    adapter = DS.SCHEDULERS["DPMSolverSDEScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10))
+    assert case["verdict"] == "pass" and len(case["timesteps"]) == 2 * 10 - 1
+    adapter.noise_recorder = lambda sched, x: None       # diffusers keeps its tree; the reference draws torch.randn
+    case = DS.run_case(adapter, _config(adapter, 10))
+    assert case["verdict"] == "fail"
 
 
 def test_two_stage_schedulers_consume_one_call_per_stage():
@@ -125,7 +136,7 @@ def test_cli_writes_reports_and_saves_failing_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["collections:OrderedDict", "diffusers:NoSuchScheduler", "no_such_module:x",
-                                    "diffusers:DPMSolverSDEScheduler", "protocol_scheduler:NoSampler"])
+                                    "diffusers:PNDMScheduler", "protocol_scheduler:NoSampler"])
 def test_unknown_targets_exit_2(target, capsys):
     assert cli.main(["check", target]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
@@ -133,8 +144,8 @@ def test_unknown_targets_exit_2(target, capsys):
         assert "found []" in err and "missing ['set_timesteps', 'step'" in err
     if target.endswith("NoSampler"):
         assert "missing ['refdiff_sampler']" in err
-    if target.endswith("SDEScheduler"):
-        assert "Brownian" in err
+    if target.startswith("diffusers:"):
+        assert "mapped: [" in err
 
 
 def test_a_protocol_target_is_checked(tmp_path):

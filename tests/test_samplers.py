@@ -11,7 +11,8 @@ from refdiff import schedules as S
 from refdiff.convergence import oracle_model
 from refdiff.oracles import GaussianData
 from refdiff.parametrization import PREDICTIONS, to_x0_eps
-from refdiff.samplers import (DDIM, DDPM, DEIS, DPM2, LMS, RK4, Churn, DPMSolver, DPMSolverPP, DPMSolverPPSinglestep,
+from refdiff.samplers import (DDIM, DDPM, DEIS, DPM2, LMS, RK4, Churn, DPMSolver, DPMSolverPP, DPMSolverPPSDE,
+                              DPMSolverPPSinglestep,
                               Euler, EulerAncestral, Grid, Heun, Level, PredictorCorrector, ReverseEulerMaruyama, SDEDPMSolverPP2M, UniPC, model_coeffs,
                               pf_ode_solve, step_coeffs)
 from refdiff.samplers.base import State
@@ -84,7 +85,8 @@ def test_per_row_levels(sampler):
 @pytest.mark.parametrize("sampler,err", [(RK4(), ValueError), (PredictorCorrector(), NotImplementedError),
                                          (DDPM("learned_range", variance_fn=lambda x, l: np.zeros_like(x)),
                                           NotImplementedError), (LMS(), NotImplementedError),
-                                         (DEIS(), NotImplementedError)], ids=["RK4", "PC", "learned_range", "LMS", "DEIS"])
+                                         (DEIS(), NotImplementedError), (DPMSolverPPSDE(), NotImplementedError)],
+                         ids=["RK4", "PC", "learned_range", "LMS", "DEIS", "DPM++SDE"])
 def test_non_affine_samplers_refuse_coefficients(sampler, err):
     with pytest.raises(err):
         step_coeffs(sampler, _grid(4), State(history=(0, 0)), "eps")
@@ -135,6 +137,18 @@ def test_ode_convergence_order_from_a_cold_start_settles_at_the_global_order(pro
     errs = CV.ode_errors(DPMSolverPP(3), problem, Ns=ns)
     assert errs[0] / errs[1] > 8.0, errs
     assert abs(CV.fitted_order(ns[2:], errs[2:]) - 2.0) <= STRONG_TOL, errs
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_dpmsolver_pp_sde_without_noise_is_dpmsolver_pp_2s(prediction):
+    """eta = 0 removes the ancestral noise: k-diffusion's DPM-Solver++ SDE with r = 1/2 is then DPM-Solver++(2S) with
+    its intermediate at the lambda midpoint (lambda = -log sigma_ve), two independent implementations."""
+    rng = np.random.default_rng(5)
+    grid, x = _grid(12), rng.standard_normal((4, 2))
+    model = oracle_model(GMM, prediction)
+    a = sample(DPMSolverPPSDE(eta=0.0), model, grid, x, prediction=prediction)
+    b = sample(DPMSolverPPSinglestep(0.5), model, grid, x, prediction=prediction)
+    assert np.abs(a.x - b.x).max() <= 1e-12 * max(1.0, np.abs(a.x).max())
 
 
 def test_dpmsolver_pp_3m_steps_are_third_order_but_the_warm_up_limits_the_run_to_second():

@@ -21,6 +21,7 @@ reproduces diffusers under the same rule is reported as the explanation.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -29,8 +30,8 @@ from .. import schedules as S
 from ..convergence import oracle_model
 from ..oracles import GaussianMixture
 from ..parametrization import PREDICTIONS as REFDIFF_PREDICTIONS
-from ..samplers import (DDIM, DDPM, DEIS, DPM2, LMS, DPMSolverPP, DPMSolverPPSinglestep, Euler, EulerAncestral, Grid,
-                        Heun, Level, SDEDPMSolverPP2M, UniPC, model_coeffs)
+from ..samplers import (DDIM, DDPM, DEIS, DPM2, LMS, DPMSolverPP, DPMSolverPPSDE, DPMSolverPPSinglestep, Euler,
+                        EulerAncestral, Grid, Heun, Level, SDEDPMSolverPP2M, UniPC, model_coeffs)
 from ..samplers.base import NumericContext, State
 from ..samplers.dpm_solver import lagrange_antiderivatives
 from ..solve import sample
@@ -46,11 +47,9 @@ BETAS = {"linear": dict(beta_start=1e-4, beta_end=2e-2), "scaled_linear": dict(b
          "zero_snr": dict(beta_schedule="scaled_linear", beta_start=8.5e-4, beta_end=1.2e-2,
                           rescale_betas_zero_snr=True)}
 DTYPES = ("float32", "float16", "bfloat16")
-# mapped in name only: diffusers' DPMSolverSDEScheduler runs k-diffusion's DPM-Solver++ SDE (two stages, noise from
-# a torchsde Brownian tree); refdiff has no such sampler yet. The DPM-Solver SDE that diffusers' multistep scheduler
-# runs (sde-dpmsolver++) is checked as DPMSolverMultistepScheduler[sde-dpmsolver++].
-UNMAPPED = {"DPMSolverSDEScheduler": "k-diffusion's DPM-Solver++ SDE with Brownian-tree noise (torchsde): no refdiff "
-                                     "sampler yet"}
+# diffusers schedulers named by the check but not run, with the reason (none at present: DPMSolverSDEScheduler needs
+# torchsde, and without it its cases fail with the import error rather than being skipped)
+UNMAPPED: dict = {}
 
 
 def _oracle():
@@ -151,6 +150,11 @@ class _Adapter:
     def sync(self, sched, bstate: State) -> State:
         """Resynchronise state diffusers keeps beyond the sample (e.g. UniPC's corrected sample)."""
         return bstate
+
+    def noise_recorder(self, sched, x):
+        """A list that collects the noise diffusers draws from its own sampler (replayed in order for the reference),
+        or None when it draws from the torch.Generator passed to step()."""
+        return None
 
     def hypotheses(self, sched, table, config, variant):
         """label -> ("sampler", alternative sampler) or ("pairs", [(cur, nxt) per step]) for a single-stage sampler."""
@@ -390,6 +394,37 @@ class _KDPM2(_VE):
         return DPM2()
 
 
+class _DPMSDE(_VE):
+    """k-diffusion's DPM-Solver++ SDE (eta = 1, r = 1/2) with noise from a torchsde Brownian tree: the check installs
+    diffusers' own noise sampler, seeded, and records what each step draws for the reference."""
+
+    name = "DPMSolverSDEScheduler"
+    stochastic = True
+    lambda_terms = True            # t = -log sigma and back in float32 (log sigma = -lambda)
+
+    def make(self, config, variant):
+        return self.cls(**config, noise_sampler_seed=0)
+
+    def sampler(self, sched, table, grid):
+        return DPMSolverPPSDE(eta=1.0, r=0.5)
+
+    def noise_recorder(self, sched, x):
+        from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+        sig = sched.sigmas
+        tree = BrownianTreeNoiseSampler(x, sig[sig > 0].min().item(), sig.max().item(), sched.config.noise_sampler_seed)
+        drawn = []
+
+        def recorded(sigma, sigma_next):
+            with warnings.catch_warnings():     # torchsde notes float32 query points a rounding outside its interval
+                warnings.simplefilter("ignore")
+                z = tree(sigma, sigma_next)
+            drawn.append(z.double().numpy())
+            return z
+        sched.noise_sampler = recorded
+        return drawn
+
+
 class _LMS(_VE):
     name = "LMSDiscreteScheduler"
     dt_terms = False               # coefficients by quadrature in float64 from the float32 sigmas
@@ -516,8 +551,8 @@ class ProtocolAdapter(_Adapter):
         return PROTOCOL_SAMPLERS[self.kind]()
 
 
-SCHEDULERS = {a.name: a for a in (_DDIM, _DDPM, _DPMMultistep, _DPMSinglestep, _UniPC, _DEIS, _Euler, _EulerA, _Heun,
-                                  _KDPM2, _LMS, _EDMEuler, _FlowMatchEuler)}
+SCHEDULERS = {a.name: a for a in (_DDIM, _DDPM, _DPMMultistep, _DPMSinglestep, _DPMSDE, _UniPC, _DEIS, _Euler, _EulerA,
+                                  _Heun, _KDPM2, _LMS, _EDMEuler, _FlowMatchEuler)}
 
 
 def default_cases(adapter, quick: bool = False):
@@ -561,6 +596,8 @@ class _Diffusers:
         self.calls = list(ts if isinstance(ts, torch.Tensor) else torch.as_tensor(np.asarray(ts)))
         self.k = 0
         self.gen = torch.Generator().manual_seed(seed)
+        self.recorded = adapter.noise_recorder(sched, self.x)
+        self.takes_generator = "generator" in inspect.signature(sched.step).parameters
 
     def call(self, model, level):
         """One diffusers step on its own sample with the model output there; returns that output (float64)."""
@@ -570,7 +607,7 @@ class _Diffusers:
         m = self.torch.from_numpy(np.asarray(model(self.x.double().numpy(), level), dtype=np.float64)).to(self.dtype)
         if self.adapter.space == "ve":
             self.sched.scale_model_input(self.x, t)
-        kw = {"generator": self.gen} if self._stochastic() else {}
+        kw = {"generator": self.gen} if self._stochastic() and self.takes_generator else {}
         out = self.sched.step(m, t, self.x, **kw)
         out = out.prev_sample if hasattr(out, "prev_sample") else out[0] if isinstance(out, tuple) else out
         self.x = self.torch.as_tensor(out).to(self.dtype)
@@ -604,6 +641,8 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None):
             return x_in * c_x + exact(m) * c_m
 
         def noise():
+            if side.recorded is not None:
+                return side.recorded.pop(0)
             return torch.randn(tuple(side.x.shape), generator=ref_gen, dtype=side.dtype).double().numpy()
 
         ctx = BoundedContext(exact(side.x.double().numpy()), denoise, noise, st.history, g)
@@ -628,7 +667,10 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None):
 LAMBDA_FD = 1e-7                  # relative size of the finite-difference perturbation of a level's log-SNR
 
 
-def _vp_level(lv: Level, log_snr) -> Level:
+def _moved_level(lv: Level, log_snr) -> Level:
+    """The level at another log-SNR in the same family: VE (alpha = 1, sigma = e^(-log_snr / 2)) or VP."""
+    if np.all(np.asarray(lv.alpha) == 1.0):
+        return Level(lv.t, lv.alpha, np.exp(-0.5 * log_snr), log_snr)
     return Level(lv.t, np.sqrt(1.0 / (1.0 + np.exp(-log_snr))), np.sqrt(1.0 / (1.0 + np.exp(log_snr))), log_snr)
 
 
@@ -652,7 +694,7 @@ def _lambda_sensitivity(smp, grid, state, ctx, adapter, pred):
         outs = []
         for sgn in (1.0, -1.0):
             levels = list(grid.levels)
-            levels[j] = _vp_level(lv, lam + sgn * delta)
+            levels[j] = _moved_level(lv, lam + sgn * delta)
             g = Grid.__new__(Grid)
             g.levels, g.schedule, g.inversion = levels, grid.schedule, grid.inversion
             it = iter(m_seq)
