@@ -172,6 +172,16 @@ def test_a_target_that_raises_fails_only_its_case(monkeypatch):
     assert any(c["verdict"] == "pass" for c in doc["cases"])
 
 
+def test_karras_sigmas_on_the_cosine_schedule_duplicate_timesteps():
+    """diffusers #12771: Karras sigmas on squaredcos_cap_v2 map several sigmas to t = 998; the run starts at the
+    second occurrence and raises IndexError at its end. Found with the real code and explained, not hidden."""
+    adapter = DS.SCHEDULERS["DPMSolverMultistepScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10, variant="2M Karras", beta_schedule="squaredcos_cap_v2"))
+    assert case["verdict"] == "fail" and case["duplicate_timesteps"] > 0
+    assert case["finding"].startswith("explained: duplicate timesteps (diffusers #12771)")
+    assert "IndexError" in case["finding"]
+
+
 def test_euler_ancestral_nan_is_found_and_explained():
     """diffusers #14213 reproduced with the real code: squaredcos_cap_v2 (sigma_max ~ 2e4), trailing, 3 steps."""
     case = DS.run_case(DS.SCHEDULERS["EulerAncestralDiscreteScheduler"](diffusers),

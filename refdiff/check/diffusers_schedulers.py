@@ -66,6 +66,21 @@ def _level(table, t) -> Level:
     return Level(t, table.alpha(t), table.sigma(t), table.log_snr(t))
 
 
+def _vp_levels(sched):
+    """VP levels at diffusers' own float32 sigmas (sigma_ve; alpha = 1 / sqrt(1 + s^2)), labelled by its timesteps;
+    sigma 0 is the data. Karras / exponential sigmas fall between the table's entries, so the table cannot give them."""
+    sig = sched.sigmas.double().numpy()
+    ts = list(np.asarray(sched.timesteps)) + [-1] * (len(sig) - len(sched.timesteps))
+    out = []
+    for s, t in zip(sig, ts):
+        if s == 0:
+            out.append(Level(-1, 1.0, 0.0, np.inf))
+        else:
+            a = 1.0 / np.sqrt(1.0 + s * s)
+            out.append(Level(t, a, s * a, -2.0 * np.log(s)))
+    return out
+
+
 def _dedupe(sigmas):
     """diffusers' two-stage schedulers list each inner sigma twice: the distinct levels, in order."""
     sig = np.asarray(sigmas, dtype=np.float64)
@@ -164,6 +179,19 @@ class _Adapter:
         """A known cause of non-finite outputs, checked directly; None when there is none to check."""
         return None
 
+    def explain_exception(self, sched, exc):
+        """A known cause of the target raising mid-run, checked directly; None when there is none."""
+        ts = np.asarray(sched.timesteps)
+        if len(ts) > 1 and ts[0] == ts[1] and hasattr(sched, "index_for_timestep"):
+            start = sched.index_for_timestep(sched.timesteps[0])
+            if start != 0:
+                k = int(np.sum(ts == ts[0]))
+                return (f"explained: duplicate timesteps (diffusers #12771) — {k} sigmas round to t = {ts[0]:g}; "
+                        f"diffusers' "
+                        f"index_for_timestep starts the run at the second occurrence (index {start}), skipping "
+                        f"sigma_0, and steps past the end ({type(exc).__name__}: {exc})")
+        return None
+
 
 class _DDIM(_Adapter):
     name = "DDIMScheduler"
@@ -216,11 +244,15 @@ class _DPMMultistep(_Adapter):
     name = "DPMSolverMultistepScheduler"
     lambda_terms = True
     variants = {"2M": dict(algorithm_type="dpmsolver++", solver_order=2),
+                "2M Karras": dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
                 "3M": dict(algorithm_type="dpmsolver++", solver_order=3),
                 "sde-dpmsolver++": dict(algorithm_type="sde-dpmsolver++", solver_order=2)}
 
     def make(self, config, variant):
         return self.cls(**config, **self.variants[variant], final_sigmas_type="zero")
+
+    def grid(self, sched, table):
+        return Grid(_vp_levels(sched), table)
 
     def sampler(self, sched, table, grid):
         if sched.config.algorithm_type == "sde-dpmsolver++":
@@ -245,25 +277,23 @@ class _DPMSinglestep(_Adapter):
     @staticmethod
     def _plan(sched):
         """diffusers' order list [1, 2, 1, 2, ..., 1]: a 1 followed by a 2 is one 2S step whose intermediate level
-        is the timestep between; a lone 1 is a first-order step."""
-        ts, orders = sched.timesteps.numpy(), list(sched.order_list)
+        is the grid point between; a lone 1 is a first-order step. Returns (start positions, mid positions)."""
+        orders, n = list(sched.order_list), len(sched.timesteps)
         starts, mids, i = [], [], 0
-        while i < len(ts):
-            if orders[i] == 1 and i + 1 < len(ts) and orders[i + 1] == 2:
-                starts.append(ts[i])
-                mids.append(ts[i + 1])
-                i += 2
-            else:
-                starts.append(ts[i])
-                mids.append(None)
-                i += 1
+        while i < n:
+            pair = orders[i] == 1 and i + 1 < n and orders[i + 1] == 2
+            starts.append(i)
+            mids.append(i + 1 if pair else None)
+            i += 2 if pair else 1
         return starts, mids
 
     def grid(self, sched, table):
-        return Grid.from_discrete(table, self._plan(sched)[0], final="data")
+        levels = _vp_levels(sched)
+        return Grid([levels[i] for i in self._plan(sched)[0]] + [levels[-1]], table)
 
     def sampler(self, sched, table, grid):
-        mids = [None if t is None else _level(table, t) for t in self._plan(sched)[1]]
+        levels = _vp_levels(sched)
+        mids = [None if i is None else levels[i] for i in self._plan(sched)[1]]
         return DPMSolverPPSinglestep(intermediate=lambda step, cur, nxt: mids[step])
 
 
@@ -276,6 +306,9 @@ class _UniPC(_Adapter):
 
     def sampler(self, sched, table, grid):
         return UniPC(2, "bh2")
+
+    def grid(self, sched, table):
+        return Grid(_vp_levels(sched), table)
 
     def sync(self, sched, bstate):
         """diffusers corrects from its stored float32 last_sample, not from the sample it returned: use it."""
@@ -291,7 +324,7 @@ class _DEIS(_Adapter):
 
     def grid(self, sched, table):
         # diffusers ends at sigma_last = sqrt((1 - alpha_bar_0) / alpha_bar_0), the table's index 0
-        return Grid.from_discrete(table, sched.timesteps.numpy(), final="first")
+        return Grid(_vp_levels(sched), table)
 
     def sampler(self, sched, table, grid):
         return DEIS(sched.config.solver_order)
@@ -350,6 +383,7 @@ class _VE(_Adapter):
 
 class _Euler(_VE):
     name = "EulerDiscreteScheduler"
+    variants = {"": {}, "Karras": dict(use_karras_sigmas=True)}
 
     def sampler(self, sched, table, grid):
         return Euler()
@@ -399,11 +433,12 @@ class _DPMSDE(_VE):
     diffusers' own noise sampler, seeded, and records what each step draws for the reference."""
 
     name = "DPMSolverSDEScheduler"
+    variants = {"": {}, "Karras": dict(use_karras_sigmas=True)}
     stochastic = True
     lambda_terms = True            # t = -log sigma and back in float32 (log sigma = -lambda)
 
     def make(self, config, variant):
-        return self.cls(**config, noise_sampler_seed=0)
+        return self.cls(**config, **self.variants[variant], noise_sampler_seed=0)
 
     def sampler(self, sched, table, grid):
         return DPMSolverPPSDE(eta=1.0, r=0.5)
@@ -738,6 +773,12 @@ def run_case(adapter, config: dict, seed: int = 0) -> dict:
     except _Mismatch as exc:
         return {**case, "verdict": "fail", "per_step_ratio": [], "nonfinite": 0, "end_to_end_max_abs": None,
                 "finding": f"unexplained: step structure differs: {exc}"}
+    except Exception as exc:                          # the target raised mid-run
+        reason = adapter.explain_exception(sched, exc)
+        if reason is None:
+            raise
+        return {**case, "verdict": "fail", "per_step_ratio": [], "nonfinite": 0, "end_to_end_max_abs": None,
+                "finding": reason}
     case["per_step_ratio"] = ratios
     case["nonfinite"] = nonfinite
     pred = config["prediction_type"]
