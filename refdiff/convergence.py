@@ -21,7 +21,8 @@ from .samplers import (DDIM, DEIS, DPM2, LMS, RK4, DPMSolver, DPMSolverPP, DPMSo
 from .solve import sample
 
 __all__ = ["ODE_NS", "SDE_NS", "ORDER_TOL", "STRONG_TOL", "Problem", "default_problem", "oracle_model",
-           "fitted_order", "ode_errors", "warmup_limited", "strong_errors", "ode_samplers", "order_table", "write_order"]
+           "fitted_order", "ode_errors", "warmup_limited", "strong_errors", "ode_samplers", "order_table",
+           "write_order"]
 
 ODE_NS = (64, 128, 256, 512)     # past diffusers' lower_order_final threshold, in the asymptotic range
 SDE_NS = (16, 32, 64, 128, 256)
@@ -129,7 +130,8 @@ def order_table(problem: Problem | None = None, samplers=None, Ns=ODE_NS, includ
         measured = fitted_order(Ns, errs)
         want = smp.order if warm else smp.convergence_order
         cases.append({"sampler": smp.name, "kind": "ODE, exact warm-up" if warm else "ODE",
-                      "declared_step_order": smp.order, "declared": want, "global_order_cold_start": smp.convergence_order,
+                      "declared_step_order": smp.order, "declared": want,
+                      "global_order_cold_start": smp.convergence_order,
                       "measured": measured, "steps": list(Ns), "errors": errs,
                       "rule": f"|measured - declared| <= {ORDER_TOL}",
                       "verdict": "pass" if abs(measured - want) <= ORDER_TOL else "fail"})

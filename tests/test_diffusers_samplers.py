@@ -2,7 +2,8 @@
 
 Both sides get the same float32 input x_i and model output at every step, and refdiff uses diffusers' own float32
 tables converted to float64; the per-step rule (refdiff.check: a running float32 rounding bound of the step's
-formula) then only allows diffusers' float32 arithmetic. The comparison machinery is refdiff.check's; these are the issue's cases.
+formula) then only allows diffusers' float32 arithmetic. The comparison machinery is refdiff.check's; these are the
+issue's cases.
 """
 
 import pytest

@@ -12,9 +12,8 @@ from refdiff.convergence import oracle_model
 from refdiff.oracles import GaussianData
 from refdiff.parametrization import PREDICTIONS, to_x0_eps
 from refdiff.samplers import (DDIM, DDPM, DEIS, DPM2, LMS, RK4, Churn, DPMSolver, DPMSolverPP, DPMSolverPPSDE,
-                              DPMSolverPPSinglestep,
-                              Euler, EulerAncestral, Grid, Heun, Level, PredictorCorrector, ReverseEulerMaruyama, SDEDPMSolverPP2M, UniPC, model_coeffs,
-                              pf_ode_solve, step_coeffs)
+                              DPMSolverPPSinglestep, Euler, EulerAncestral, Grid, Heun, Level, PredictorCorrector,
+                              ReverseEulerMaruyama, SDEDPMSolverPP2M, UniPC, model_coeffs, pf_ode_solve, step_coeffs)
 from refdiff.samplers.base import State
 from refdiff.samplers.exact_law import gaussian_marginal, gaussian_output_law
 from refdiff.solve import sample
@@ -33,7 +32,8 @@ SCHED = S.VPLinear()
 T0, T1 = 0.8, 0.05
 
 
-AFFINE = [DDIM(), DDIM(0.6), DDPM(), DDPM("fixed_large"), Euler(), Heun(), Euler(Churn(5.0)), Heun(Churn(3.0, 0.1, 5.0)),
+AFFINE = [DDIM(), DDIM(0.6), DDPM(), DDPM("fixed_large"), Euler(), Heun(), Euler(Churn(5.0)),
+          Heun(Churn(3.0, 0.1, 5.0)),
           EulerAncestral(), DPM2(), DPMSolver(1), DPMSolver(2), DPMSolver(3), DPMSolverPP(2), DPMSolverPP(3),
           DPMSolverPPSinglestep(), DPMSolverPPSinglestep(0.3),
           SDEDPMSolverPP2M(), UniPC(1), UniPC(2, "bh1"), UniPC(2, "bh2"), ReverseEulerMaruyama()]

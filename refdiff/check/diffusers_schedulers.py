@@ -29,7 +29,6 @@ import numpy as np
 from .. import schedules as S
 from ..convergence import oracle_model
 from ..oracles import GaussianMixture
-from ..parametrization import PREDICTIONS as REFDIFF_PREDICTIONS
 from ..samplers import (DDIM, DDPM, DEIS, DPM2, LMS, DPMSolverPP, DPMSolverPPSDE, DPMSolverPPSinglestep, Euler,
                         EulerAncestral, Grid, Heun, Level, SDEDPMSolverPP2M, UniPC, model_coeffs)
 from ..samplers.base import NumericContext, State

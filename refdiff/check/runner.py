@@ -143,7 +143,8 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
     head = [f"# refdiff check {doc['target']} — {doc['verdict'].upper()}", "", f"{n_pass} of {len(doc['cases'])} "
             f"cases pass. Rule: `{doc['rule']}`.", ""]
     if doc["target"] == "kernels":
-        lines = head + [f"Backend: {doc.get('backend')}.", "", "| case | ratio to the rule | verdict |", "|---|---|---|"]
+        lines = head + [f"Backend: {doc.get('backend')}.", "", "| case | ratio to the rule | verdict |",
+                        "|---|---|---|"]
         lines += [f"| {c['scheduler']} | {c['ratio_to_rule']:.3g} | {c['verdict']} |" for c in doc["cases"]]
         paths[1].write_text("\n".join(lines + [""]))
         return paths

@@ -9,6 +9,6 @@ from .sde import PredictorCorrector, ReverseEulerMaruyama
 from .unipc import UniPC
 
 __all__ = ["Affine", "Grid", "Level", "Sampler", "State", "StepCoeffs", "apply", "model_coeffs", "step_coeffs",
-           "DDIM", "DDPM", "DEIS", "DPMSolver", "DPMSolverPP", "DPMSolverPPSinglestep", "DPMSolverPPSDE", "SDEDPMSolverPP2M", "DPM2",
-           "LMS", "Churn", "Euler", "EulerAncestral", "Heun", "RK4", "pf_ode_solve", "pf_velocity", "PredictorCorrector",
-           "ReverseEulerMaruyama", "UniPC"]
+           "DDIM", "DDPM", "DEIS", "DPMSolver", "DPMSolverPP", "DPMSolverPPSinglestep", "DPMSolverPPSDE",
+           "SDEDPMSolverPP2M", "DPM2", "LMS", "Churn", "Euler", "EulerAncestral", "Heun", "RK4", "pf_ode_solve",
+           "pf_velocity", "PredictorCorrector", "ReverseEulerMaruyama", "UniPC"]

@@ -239,8 +239,8 @@ class LMS(Sampler):
 
     def step(self, ctx, cur: Level, nxt: Level, state: State):
         if ctx.symbolic:
-            raise NotImplementedError("LMS interpolates past derivatives (x_j - D_j) / sigma_j, which need past x_j: no "
-                                      "per-stage coefficients in the kernel's slots")
+            raise NotImplementedError("LMS interpolates past derivatives (x_j - D_j) / sigma_j, which need past x_j: "
+                                      "no per-stage coefficients in the kernel's slots")
         x = _ve(ctx.x, cur)
         s, sn = cur.sigma_ve, nxt.sigma_ve
         D = ctx.denoise(ctx.x, cur)
