@@ -63,24 +63,48 @@ def _cmd_order(args) -> int:
 def _cmd_check(args) -> int:
     from .check.runner import UsageError, run_check, write_check
 
+    bar = _bar(args.quiet)
     try:
-        doc = run_check(args.target, quick=args.quick)
+        doc = run_check(args.target, quick=args.quick, progress=(lambda case: bar.update(1)) if bar else None,
+                        on_total=(lambda n: bar.reset(total=n)) if bar else None)
     except UsageError as exc:
         print(f"refdiff check: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if bar is not None:
+            bar.close()
     paths = write_check(doc, args.out, args.save_inputs)
     if args.json:
         Path(args.json).write_text(Path(paths[0]).read_text())
-    failed = [c for c in doc["cases"] if c["verdict"] == "fail"]
-    print(f"refdiff check {args.target}: {doc['verdict']} ({len(doc['cases']) - len(failed)}/{len(doc['cases'])} "
-          f"cases pass); wrote {paths[0]}, {paths[1]}")
-    for c in failed[:20]:
+    cases = doc["cases"]
+    failed = [c for c in cases if c["verdict"] == "fail"]
+    explained = [c for c in failed if str(c.get("finding", "")).startswith("explained")]
+    print(f"refdiff check {args.target}: {doc['verdict']} — {len(cases) - len(failed)} of {len(cases)} cases agree, "
+          f"{len(explained)} disagree with an explanation, {len(failed) - len(explained)} unexplained; wrote "
+          f"{paths[0]}, {paths[1]}")
+    kinds = {}
+    for c in failed:
         if "ratio_to_rule" in c:
             print(f"  FAIL {c['scheduler']}: ratio to the rule {c['ratio_to_rule']:.3g}")
-        else:
-            print(f"  FAIL {c['scheduler']} {c['beta_schedule']} {c['timestep_spacing']} {c['steps']} steps "
-                  f"{c['prediction_type']}: {c.get('finding', '')}")
+            continue
+        key = (c["scheduler"], c.get("variant", ""), str(c.get("finding", ""))[:160])
+        kinds.setdefault(key, []).append(c)
+    for (name, variant, finding), cs in kinds.items():
+        c = cs[0]
+        label = f"{name}[{variant}]" if variant else name
+        print(f"  {len(cs):4d} x {label}, e.g. {c['beta_schedule']} {c['timestep_spacing']} {c['steps']} steps "
+              f"{c['prediction_type']}: {finding}")
     return EXIT_FAIL if failed else EXIT_PASS
+
+
+def _bar(quiet: bool):
+    if quiet:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=0, desc="refdiff check", disable=None)
 
 
 def _cmd_bench(args) -> int:
@@ -130,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a reduced grid of configurations")
     p.add_argument("--save-inputs", choices=("never", "incorrect", "always"), default="never",
                    help="write the inputs of failing (or all) cases as .npz")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("bench", help="benchmarks against peers on the GPU (exit 3 without one)")
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")

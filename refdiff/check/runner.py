@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -60,6 +62,8 @@ def resolve(target: str):
             else:
                 raise UsageError(f"unknown diffusers scheduler {n!r}; mapped: {sorted(DS.SCHEDULERS)}")
         return out
+    if os.getcwd() not in sys.path:              # as `python -m` does: modules in the working directory import
+        sys.path.insert(0, os.getcwd())
     try:
         obj = getattr(importlib.import_module(module), name) if name else importlib.import_module(module)
     except (ImportError, AttributeError) as exc:
@@ -107,29 +111,30 @@ def _kernel_check() -> dict:
             "cases": cases}
 
 
-def run_check(target: str, quick: bool = False, progress=None) -> dict:
+def run_check(target: str, quick: bool = False, progress=None, on_total=None) -> dict:
     from .._env import env_info
     from . import diffusers_schedulers as DS
 
     if target == "kernels":
         return _kernel_check()
     adapters = resolve(target)
+    plan = [(adapter, config) for adapter in adapters for config in DS.default_cases(adapter, quick)]
+    if on_total is not None:
+        on_total(len(plan))
     cases = []
-    for adapter in adapters:
-        for config in DS.default_cases(adapter, quick):
-            try:
-                case = DS.run_case(adapter, config)
-            except Exception as exc:               # the target raised mid-run: that case fails, the rest run
-                case = {"scheduler": adapter.name, **config, "verdict": "fail",
-                        "finding": f"raised {type(exc).__name__}: {exc}",
-                        "traceback": traceback.format_exc(limit=3)}
-            cases.append(case)
-            if progress is not None:
-                progress(case)
+    for adapter, config in plan:
+        try:
+            case = DS.run_case(adapter, config)
+        except Exception as exc:                   # the target raised mid-run: that case fails, the rest run
+            case = {"scheduler": adapter.name, **config, "verdict": "fail",
+                    "finding": f"raised {type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
+        cases.append(case)
+        if progress is not None:
+            progress(case)
     env = env_info()
     verdict = "fail" if any(c["verdict"] == "fail" for c in cases) else "pass"
     return {"schema": SCHEMA, "refdiff_version": env["refdiff"], "env": env, "target": target, "verdict": verdict,
-            "rule": f"per step |diffusers - refdiff| <= {DS.R} u (running rounding bound of the step's formula + "
+            "rule": f"per step |target - refdiff| <= {DS.R} u (running rounding bound of the step's formula + "
                     "float32 level differences), same inputs; u = unit roundoff of the sample dtype",
             "unmapped": DS.UNMAPPED, "cases": cases}
 
@@ -148,17 +153,20 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
         lines += [f"| {c['scheduler']} | {c['ratio_to_rule']:.3g} | {c['verdict']} |" for c in doc["cases"]]
         paths[1].write_text("\n".join(lines + [""]))
         return paths
-    lines = head + [
-                    "| scheduler | schedule | spacing | steps | prediction | max step ratio | end-to-end | dup. t | "
-                    "verdict | finding |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = head + ["| scheduler | schedule | spacing | steps | prediction | dtype | max step ratio | end-to-end | "
+                    "dup. t | verdict | finding |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in doc["cases"]:
         ratio = (f"{max(c['per_step_ratio']):.3g}" if c.get("per_step_ratio") else
                  f"{c['ratio_to_rule']:.3g}" if "ratio_to_rule" in c else "-")
         e2e = f"{c['end_to_end_max_abs']:.2e}" if c.get("end_to_end_max_abs") is not None else "-"
-        lines.append(f"| {c['scheduler']} | {c['beta_schedule']} | {c['timestep_spacing']} | {c['steps']} | "
-                     f"{c['prediction_type']} | {ratio} | {e2e} | {c.get('duplicate_timesteps', '-')} | "
-                     f"{c['verdict']} | {c.get('finding', '')} |")
-    lines += ["", "Not checked: " + "; ".join(f"{k} ({v})" for k, v in doc["unmapped"].items()), ""]
+        name = f"{c['scheduler']}[{c['variant']}]" if c.get("variant") else c["scheduler"]
+        finding = str(c.get("finding", "")).replace("|", "\\|")
+        lines.append(f"| {name} | {c['beta_schedule']} | {c['timestep_spacing']} | {c['steps']} | "
+                     f"{c['prediction_type']} | {c.get('dtype', 'float32')} | {ratio} | {e2e} | "
+                     f"{c.get('duplicate_timesteps', '-')} | {c['verdict']} | {finding} |")
+    if doc["unmapped"]:
+        lines += ["", "Not checked: " + "; ".join(f"{k} ({v})" for k, v in doc["unmapped"].items())]
+    lines.append("")
     paths[1].write_text("\n".join(lines))
     if save_inputs != "never":
         for k, c in enumerate(doc["cases"]):
