@@ -98,7 +98,7 @@ class _Adapter:
     dt_terms = False               # diffusers forms sigma_next - sigma in float32 (Euler-type updates)
     lambda_terms = False           # diffusers forms lambda = log alpha - log sigma in float32 (exponential integrators)
     variants = {"": {}}            # label -> scheduler kwargs: each variant is its own set of cases
-    predictions = ("epsilon", "v_prediction")
+    predictions = ("epsilon", "v_prediction", "sample")
     schedules = tuple(BETAS)
     spacings = ("leading", "trailing", "linspace")
 
@@ -390,6 +390,7 @@ class _Euler(_VE):
 
 class _EulerA(_VE):
     name = "EulerAncestralDiscreteScheduler"
+    predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
     stochastic = True
 
     def sampler(self, sched, table, grid):
@@ -422,6 +423,7 @@ class _Heun(_VE):
 
 class _KDPM2(_VE):
     name = "KDPM2DiscreteScheduler"
+    predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
 
     def sampler(self, sched, table, grid):
         return DPM2()
@@ -432,6 +434,7 @@ class _DPMSDE(_VE):
     diffusers' own noise sampler, seeded, and records what each step draws for the reference."""
 
     name = "DPMSolverSDEScheduler"
+    predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
     variants = {"": {}, "Karras": dict(use_karras_sigmas=True)}
     stochastic = True
     lambda_terms = True            # t = -log sigma and back in float32 (log sigma = -lambda)
@@ -471,6 +474,7 @@ class _EDMEuler(_VE):
     """EDM (Karras et al. 2022): the model is F with D = c_skip x + c_out F and input c_in x; no beta table."""
 
     name = "EDMEulerScheduler"
+    predictions = ("epsilon", "v_prediction")
     schedules = ("karras", "exponential")
     spacings = ("-",)
 
@@ -555,6 +559,7 @@ class ProtocolAdapter(_Adapter):
     torch.randn(sample.shape, generator=generator, dtype=sample.dtype)."""
 
     schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
+    predictions = ("epsilon", "v_prediction")
 
     def __init__(self, factory, name: str):
         self.factory, self.name = factory, name
@@ -762,7 +767,9 @@ def run_case(adapter, config: dict, seed: int = 0) -> dict:
     case = {"scheduler": adapter.name, **config, "variant": variant, "timesteps": ts.tolist(),
             "duplicate_timesteps": int(len(adapter.step_starts(ts)) - len(np.unique(adapter.step_starts(ts))))}
     grid = adapter.grid(sched, table)
-    case["sigmas"] = [float(np.asarray(l.sigma_ve)) for l in grid.levels]
+    case["sigmas"] = [float(np.asarray(lv.sigma_ve)) for lv in grid.levels]        # refdiff's levels (sigma / alpha)
+    if hasattr(sched, "sigmas"):
+        case["target_sigmas"] = np.asarray(sched.sigmas, dtype=np.float64).tolist()
     smp = adapter.sampler(sched, table, grid)
     case["refdiff_sampler"] = smp.name
     x_T = np.random.default_rng(seed).standard_normal((2, 4)) * adapter.x_T_scale(sched, grid)
