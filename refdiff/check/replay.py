@@ -1,0 +1,241 @@
+"""Run a third-party scheduler and the float64 reference side by side with identical inputs, and judge each step.
+
+Every refdiff step is the sampler's paper form run on ``Bounded`` values (refdiff.check.rounding): each time the
+paper form evaluates the model, the target's ``step`` is called once on its own current sample and the model output
+it gets is the one the reference uses (so multi-stage samplers such as Heun, KDPM2 and DPM-Solver++(2S) consume one
+target call per stage). The step then yields the reference value and a running bound e of the float32 rounding of
+the same formula; the rule is
+
+    |target - refdiff| <= R u (e + formula terms),   R = 4, u = unit roundoff of the sample dtype,
+
+where R allows the coefficients the target forms in float32 (up to three operations each: a ratio, a square root,
+an exponential) and the formula terms add what the paper form does not see: float32 differences of levels that
+cancel (sigma_next - sigma, 1 - alpha_bar_t / alpha_bar_s, the adapter's ``formula_terms``) and the float32 error of
+each level's log-SNR propagated through the step (``lambda_terms``, by finite differences). Per-step inputs are
+resynchronised (the target's sample, and state it keeps such as UniPC's corrected sample), so a step is judged on
+its own; end-to-end errors are reported beside. When a step disagrees, the adapter's hypotheses (a known convention
+or bug) are re-run as references; one that reproduces the target under the same rule is the explanation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+
+import numpy as np
+
+from ..samplers import Grid, Level
+from ..samplers.base import NumericContext, State
+from ..solve import sample
+from .rounding import Bounded, BoundedContext, exact
+
+__all__ = ["R", "run_case"]
+
+R = 4                               # coefficient roundings per term (see the module docstring)
+
+
+class _Mismatch(Exception):
+    pass
+
+
+class _Diffusers:
+    """diffusers' side of a run: its scheduler, current sample, call list and noise generator."""
+
+    def __init__(self, adapter, sched, x, dtype, seed):
+        import torch
+
+        self.torch, self.adapter, self.sched = torch, adapter, sched
+        self.dtype = getattr(torch, dtype)
+        self.x = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(self.dtype)
+        ts = sched.timesteps
+        self.calls = list(ts if isinstance(ts, torch.Tensor) else torch.as_tensor(np.asarray(ts)))
+        self.k = 0
+        self.gen = torch.Generator().manual_seed(seed)
+        self.recorded = adapter.noise_recorder(sched, self.x)
+        self.takes_generator = "generator" in inspect.signature(sched.step).parameters
+
+    def call(self, model, level):
+        """One diffusers step on its own sample with the model output there; returns that output (float64)."""
+        if self.k >= len(self.calls):
+            raise _Mismatch(f"refdiff evaluates the model more often than diffusers' {len(self.calls)} timesteps")
+        t = self.calls[self.k]
+        m = self.torch.from_numpy(np.asarray(model(self.x.double().numpy(), level), dtype=np.float64)).to(self.dtype)
+        if self.adapter.space == "ve":
+            self.sched.scale_model_input(self.x, t)
+        kw = {"generator": self.gen} if self._stochastic() and self.takes_generator else {}
+        out = self.sched.step(m, t, self.x, **kw)
+        out = out.prev_sample if hasattr(out, "prev_sample") else out[0] if isinstance(out, tuple) else out
+        self.x = self.torch.as_tensor(out).to(self.dtype)
+        self.k += 1
+        return m.double().numpy()
+
+    def _stochastic(self):
+        config = getattr(self.sched, "config", None)
+        return self.adapter.stochastic or getattr(config, "algorithm_type", "") == "sde-dpmsolver++"
+
+
+def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None):
+    """Run diffusers and the bounded reference side by side; per-step ratios to the rule, draws, final sample."""
+    import torch
+
+    pred = config["prediction_type"]
+    model = adapter.model(pred)
+    side = _Diffusers(adapter, sched, x_T, config.get("dtype", "float32"), seed)
+    ref_gen = torch.Generator().manual_seed(seed)
+    u = float(torch.finfo(side.dtype).eps) / 2.0
+    bstate, ratios, draws, nonfinite = State(), [], [], 0
+    n_steps = len(step_grids) if step_grids is not None else len(grid)
+    for i in range(n_steps):
+        g = Grid(step_grids[i]) if step_grids is not None else grid
+        st = State() if step_grids is not None else adapter.sync(sched, bstate)
+        cur, nxt = g.levels[st.step], g.levels[st.step + 1]
+
+        def denoise(x_in, level):
+            m = side.call(model, level)
+            c_x, c_m = adapter.coeffs(pred, level)
+            return x_in * c_x + exact(m) * c_m
+
+        def noise():
+            if side.recorded is not None:
+                return side.recorded.pop(0)
+            return torch.randn(tuple(side.x.shape), generator=ref_gen, dtype=side.dtype).double().numpy()
+
+        ctx = BoundedContext(exact(side.x.double().numpy()), denoise, noise, st.history, g)
+        out, extra = smp.step(ctx, cur, nxt, st)
+        theirs = side.x.double().numpy()
+        terms = adapter.formula_terms(ctx, cur, nxt, st, extra)
+        if adapter.lambda_terms:
+            terms = terms + _lambda_sensitivity(smp, g, st, ctx, adapter, pred)
+        bound = R * u * (out.e + terms)
+        with np.errstate(invalid="ignore"):
+            ratios.append(float(np.max(np.abs(theirs - out.v) / (bound + 1e-300))))
+        nonfinite += int(np.count_nonzero(~np.isfinite(theirs)))
+        draws.extend(ctx.draws)
+        history = tuple((list(reversed(ctx.evaluated)) + list(st.history))[:2])
+        bstate = replace(st, step=st.step + 1, history=history, orders=st.orders + (extra.get("order", 0),),
+                         extra=extra)
+    if side.k != len(side.calls):
+        raise _Mismatch(f"diffusers has {len(side.calls)} timesteps, refdiff's sampler evaluated {side.k}")
+    return ratios, draws, nonfinite, side.x.double().numpy()
+
+
+LAMBDA_FD = 1e-7                  # relative size of the finite-difference perturbation of a level's log-SNR
+
+
+def _moved_level(lv: Level, log_snr) -> Level:
+    """The level at another log-SNR in the same family: VE (alpha = 1, sigma = e^(-log_snr / 2)) or VP."""
+    if np.all(np.asarray(lv.alpha) == 1.0):
+        return Level(lv.t, lv.alpha, np.exp(-0.5 * log_snr), log_snr)
+    return Level(lv.t, np.sqrt(1.0 / (1.0 + np.exp(-log_snr))), np.sqrt(1.0 / (1.0 + np.exp(log_snr))), log_snr)
+
+
+def _lambda_sensitivity(smp, grid, state, ctx, adapter, pred):
+    """sum over the levels a step reads of |d out / d lambda_l| Lambda_l (units of u), Lambda_l = |log alpha_l| +
+    |log sigma_l| + 1 the float32 error of lambda_l = log alpha_l - log sigma_l; the derivative by a central finite
+    difference of the same paper step (float64, the replayed model outputs and noise)."""
+    i = state.step
+    m_seq = [(d.v - u.v * adapter.coeffs(pred, lv)[0]) / adapter.coeffs(pred, lv)[1] for u, lv, d in ctx.stages]
+    base = [_unbounded(v) for v in state.history]
+    extra = {k: _unbounded(v) for k, v in state.extra.items()}
+    total = 0.0
+    for j in range(max(0, i - 2), min(len(grid.levels), i + 2)):
+        lv = grid.levels[j]
+        lam = np.asarray(lv.log_snr, dtype=np.float64)
+        if not np.all(np.isfinite(lam)):
+            continue
+        Lam = np.abs(np.log(np.asarray(lv.alpha, dtype=np.float64))) + np.abs(
+            np.log(np.asarray(lv.sigma, dtype=np.float64))) + 1.0
+        delta = LAMBDA_FD * (np.abs(lam) + 1.0)
+        outs = []
+        for sgn in (1.0, -1.0):
+            levels = list(grid.levels)
+            levels[j] = _moved_level(lv, lam + sgn * delta)
+            g = Grid.__new__(Grid)
+            g.levels, g.schedule, g.inversion = levels, grid.schedule, grid.inversion
+            it = iter(m_seq)
+            draws = iter(ctx.draws)
+
+            def denoise(x_in, level):
+                c_x, c_m = adapter.coeffs(pred, level)
+                return x_in * c_x + next(it) * c_m
+            nctx = NumericContext(ctx.x.v, denoise, lambda: next(draws), tuple(base), g)
+            outs.append(smp.step(nctx, levels[i], levels[i + 1], replace(state, history=tuple(base), extra=extra))[0])
+        # lambda = log_snr / 2 carries the error Lam, so log_snr carries 2 Lam
+        total = total + np.abs(outs[0] - outs[1]) / (2.0 * delta) * 2.0 * Lam
+    return total
+
+
+def _unbounded(v):
+    if isinstance(v, Bounded):
+        return v.v
+    if isinstance(v, tuple):
+        return tuple(_unbounded(w) for w in v)
+    return v
+
+
+def run_case(adapter, config: dict, seed: int = 0) -> dict:
+    """One configuration: per-step ratios to the rule, end-to-end error, non-finite and duplicate checks."""
+    variant = config.get("variant", next(iter(adapter.variants)))
+    sched = adapter.make(adapter.scheduler_config(config), variant)
+    sched.set_timesteps(config["steps"])
+    table = adapter.table(sched)
+    ts = np.asarray(sched.timesteps)
+    case = {"scheduler": adapter.name, **config, "variant": variant, "timesteps": ts.tolist(),
+            "duplicate_timesteps": int(len(adapter.step_starts(ts)) - len(np.unique(adapter.step_starts(ts))))}
+    grid = adapter.grid(sched, table)
+    case["sigmas"] = [float(np.asarray(lv.sigma_ve)) for lv in grid.levels]        # refdiff's levels (sigma / alpha)
+    if hasattr(sched, "sigmas"):
+        case["target_sigmas"] = np.asarray(sched.sigmas, dtype=np.float64).tolist()
+    smp = adapter.sampler(sched, table, grid)
+    case["refdiff_sampler"] = smp.name
+    x_T = np.random.default_rng(seed).standard_normal((2, 4)) * adapter.x_T_scale(sched, grid)
+    x_T = x_T.astype(np.float32).astype(np.float64)
+    try:
+        ratios, draws, nonfinite, x_final = _replay(adapter, sched, grid, smp, config, x_T, seed)
+    except _Mismatch as exc:
+        return {**case, "verdict": "fail", "per_step_ratio": [], "nonfinite": 0, "end_to_end_max_abs": None,
+                "finding": f"unexplained: step structure differs: {exc}"}
+    except Exception as exc:                          # the target raised mid-run
+        reason = adapter.explain_exception(sched, exc)
+        if reason is None:
+            raise
+        return {**case, "verdict": "fail", "per_step_ratio": [], "nonfinite": 0, "end_to_end_max_abs": None,
+                "finding": reason}
+    case["per_step_ratio"] = ratios
+    case["nonfinite"] = nonfinite
+    pred = config["prediction_type"]
+    model = adapter.model(pred)
+
+    def model_x0(x, level):
+        c_x, c_m = adapter.coeffs(pred, level)
+        return c_x * x + c_m * model(x, level)
+    replay = iter(draws)
+    full = sample(smp, model_x0, grid, x_T, noise=(lambda: next(replay)) if draws else None, prediction="x0")
+    case["end_to_end_max_abs"] = float(np.max(np.abs(x_final - full.x)))
+    case["x_T"] = x_T.tolist()
+    case["verdict"] = "pass" if max(ratios) <= 1.0 and nonfinite == 0 else "fail"
+    if case["verdict"] == "fail":
+        reason = adapter.explain_nonfinite(sched) if nonfinite else None
+        case["finding"] = reason or _explain(adapter, config, variant, table, x_T, seed)
+    return case
+
+
+def _explain(adapter, config, variant, table, x_T, seed):
+    """Re-run under each alternative hypothesis; the first that reproduces diffusers under the rule explains."""
+    sched = adapter.make(adapter.scheduler_config(config), variant)
+    sched.set_timesteps(config["steps"])
+    grid = adapter.grid(sched, table)
+    for label, (kind, what) in adapter.hypotheses(sched, table, config, variant).items():
+        sched = adapter.make(adapter.scheduler_config(config), variant)
+        sched.set_timesteps(config["steps"])
+        try:
+            if kind == "sampler":
+                ratios = _replay(adapter, sched, grid, what, config, x_T, seed)[0]
+            else:
+                ratios = _replay(adapter, sched, grid, adapter.sampler(sched, table, grid), config, x_T, seed,
+                                 step_grids=[[cur, nxt] for cur, nxt in what])[0]
+        except (_Mismatch, ValueError):
+            continue
+        if max(ratios) <= 1.0:
+            return f"explained: {label} reproduces the target under the rule"
+    return "unexplained: no known convention or bug reproduces the target; inspect the per-step ratios"
