@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import schedules as S
+from ._plot import pyplot
 from .oracles import GaussianMixture
 from .parametrization import from_x0_eps
 from .samplers import (DDIM, DEIS, DPM2, LMS, RK4, DPMSolver, DPMSolverPP, DPMSolverPPSinglestep, Euler, Grid, Heun,
@@ -159,12 +160,8 @@ def order_markdown(cases) -> str:
 
 
 def plot_orders(cases, path: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5))
     styles = ["-", "--", ":", "-."]

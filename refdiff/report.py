@@ -18,6 +18,7 @@ import numpy as np
 from . import schedules as S
 from . import selfcheck as C
 from ._env import env_info
+from ._plot import pyplot
 from .oracles import FiniteAtoms, GaussianData, GaussianMixture
 
 __all__ = ["SCHEMA", "run_report", "write_report", "continuous_families", "discrete_tables"]
@@ -343,12 +344,8 @@ def _findings_markdown(cases) -> list:
 
 def _plot_findings(cases, path: Path):
     """Per-step ratio to the rule (log scale) of every disagreeing case, with the agreeing cases' envelope."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.8))
     ok = [r for c in cases if c["verdict"] == "pass" for r in (c.get("per_step_ratio") or [])]
@@ -374,12 +371,8 @@ def _plot_findings(cases, path: Path):
 
 
 def _plot_schedules(path: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     t = np.linspace(1e-3, 1 - 1e-3, 400)
     fig, ax = plt.subplots(figsize=(7, 4.5))
