@@ -155,6 +155,9 @@ def order_markdown(cases) -> str:
         errs = ", ".join(f"{e:.2e}" for e in c["errors"])
         decl = f"{c['declared']}" + (f" (steps of order {c['declared_step_order']})"
                                      if c["declared_step_order"] != c["declared"] else "")
+        cold = c.get("global_order_cold_start")
+        if cold is not None and cold != c["declared"]:
+            decl += f" (global order {cold} from a cold start)"
         lines.append(f"| {c['sampler']} | {c['kind']} | {decl} | {c['measured']:.3f} | {errs} | {c['verdict']} |")
     return "\n".join(lines)
 
