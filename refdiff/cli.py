@@ -61,8 +61,19 @@ def _cmd_order(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from .check.runner import UsageError, run_check, write_check
+    from .check.runner import UsageError, rerun_case, run_check, write_check
 
+    if args.rerun:
+        try:
+            case = rerun_case(args.target, args.rerun)
+        except UsageError as exc:
+            print(f"refdiff check: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        ratios = ", ".join(f"{r:.3g}" for r in case.get("per_step_ratio", []))
+        print(f"{case['scheduler']} {case.get('variant', '')} {case['beta_schedule']} {case['timestep_spacing']} "
+              f"{case['steps']} steps {case['prediction_type']} {case['dtype']}: {case['verdict']}\n"
+              f"  per-step ratio to the rule: {ratios}\n  {case.get('finding', '')}")
+        return EXIT_FAIL if case["verdict"] == "fail" else EXIT_PASS
     bar = _bar(args.quiet)
     try:
         doc = run_check(args.target, quick=args.quick, progress=(lambda case: bar.update(1)) if bar else None,
@@ -155,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-inputs", choices=("never", "incorrect", "always"), default="never",
                    help="write the inputs of failing (or all) cases as .npz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--rerun", metavar="NPZ", help="run one case saved by --save-inputs again and print its steps")
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("bench", help="benchmarks against peers on the GPU (exit 3 without one)")
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")

@@ -131,8 +131,15 @@ def test_cli_writes_reports_and_saves_failing_inputs(tmp_path):
     assert all(c["verdict"] in ("pass", "fail") for c in doc["cases"])
     assert code == (cli.EXIT_FAIL if doc["verdict"] == "fail" else cli.EXIT_PASS)
     failing = [c for c in doc["cases"] if c["verdict"] == "fail"]
-    assert len(list(tmp_path.glob("case_*.npz"))) == len(failing)
+    saved = sorted(tmp_path.glob("case_*.npz"))
+    assert len(saved) == len(failing) and failing
     assert "| scheduler |" in (tmp_path / "check.md").read_text()
+    # a saved case reruns to the same verdict and per-step ratios
+    from refdiff.check.runner import rerun_case
+    again = rerun_case("diffusers:DDIMScheduler", saved[0])
+    assert again["verdict"] == "fail" and again["per_step_ratio"] == failing[0]["per_step_ratio"]
+    assert cli.main(["check", "diffusers:DDIMScheduler", "--rerun", str(saved[0])]) == cli.EXIT_FAIL
+    assert cli.main(["check", "diffusers:EulerDiscreteScheduler", "--rerun", str(saved[0])]) == cli.EXIT_USAGE
 
 
 @pytest.mark.parametrize("target", ["collections:OrderedDict", "diffusers:NoSuchScheduler", "no_such_module:x",

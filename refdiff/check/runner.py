@@ -29,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PROTOCOL_METHODS", "run_check", "write_check", "resolve"]
+__all__ = ["PROTOCOL_METHODS", "run_check", "write_check", "resolve", "rerun_case", "CASE_KEYS"]
+
+CASE_KEYS = ("variant", "beta_schedule", "timestep_spacing", "steps", "prediction_type", "dtype")
 
 PROTOCOL_METHODS = ("set_timesteps", "step", "timesteps", "alphas_cumprod", "refdiff_sampler")
 SCHEMA = "refdiff.check/1"
@@ -173,7 +175,22 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
             if save_inputs == "always" or c["verdict"] == "fail":
                 p = out / f"case_{k:03d}_{c['scheduler']}.npz"
                 np.savez(p, x_T=np.asarray(c.get("x_T", [])), timesteps=np.asarray(c.get("timesteps", [])),
-                         config=json.dumps({kk: c[kk] for kk in ("beta_schedule", "timestep_spacing", "steps",
-                                                                 "prediction_type")}))
+                         config=json.dumps({kk: c[kk] for kk in CASE_KEYS if kk in c}),
+                         scheduler=c["scheduler"], seed=int(c.get("seed", 0)))
                 paths.append(p)
     return paths
+
+
+def rerun_case(target: str, path) -> dict:
+    """Run one saved case again (``--save-inputs``): the same configuration and starting sample x_T."""
+    from . import diffusers_schedulers as DS
+
+    with np.load(path) as f:
+        config = json.loads(str(f["config"]))
+        x_T = f["x_T"]
+        scheduler = str(f["scheduler"])
+        seed = int(f["seed"])
+    adapters = [a for a in resolve(target) if a.name == scheduler]
+    if not adapters:
+        raise UsageError(f"{path} holds a case of {scheduler}, not of {target}")
+    return DS.run_case(adapters[0], config, seed=seed, x_T=x_T if x_T.size else None)
