@@ -77,7 +77,7 @@ def _cmd_check(args) -> int:
     bar = _bar(args.quiet)
     try:
         doc = run_check(args.target, quick=args.quick, progress=(lambda case: bar.update(1)) if bar else None,
-                        on_total=(lambda n: bar.reset(total=n)) if bar else None)
+                        on_total=(lambda n: bar.reset(total=n)) if bar else None, seed=args.seed)
     except UsageError as exc:
         print(f"refdiff check: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the inputs of failing (or all) cases as .npz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--rerun", metavar="NPZ", help="run one case saved by --save-inputs again and print its steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of x_T and of the generator noise (default 0)")
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("bench", help="benchmarks against peers on the GPU (exit 3 without one)")
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")

@@ -113,7 +113,7 @@ def _kernel_check() -> dict:
             "cases": cases}
 
 
-def run_check(target: str, quick: bool = False, progress=None, on_total=None) -> dict:
+def run_check(target: str, quick: bool = False, progress=None, on_total=None, seed: int = 0) -> dict:
     from .._env import env_info
     from . import diffusers_schedulers as DS
 
@@ -126,7 +126,8 @@ def run_check(target: str, quick: bool = False, progress=None, on_total=None) ->
     cases = []
     for adapter, config in plan:
         try:
-            case = DS.run_case(adapter, config)
+            case = DS.run_case(adapter, config, seed=seed)
+            case["seed"] = seed
         except Exception as exc:                   # the target raised mid-run: that case fails, the rest run
             case = {"scheduler": adapter.name, **config, "verdict": "fail",
                     "finding": f"raised {type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
@@ -135,7 +136,8 @@ def run_check(target: str, quick: bool = False, progress=None, on_total=None) ->
             progress(case)
     env = env_info()
     verdict = "fail" if any(c["verdict"] == "fail" for c in cases) else "pass"
-    return {"schema": SCHEMA, "refdiff_version": env["refdiff"], "env": env, "target": target, "verdict": verdict,
+    return {"schema": SCHEMA, "refdiff_version": env["refdiff"], "env": env, "target": target, "seed": seed,
+            "verdict": verdict,
             "rule": f"per step |target - refdiff| <= {DS.R} u (running rounding bound of the step's formula + "
                     "float32 level differences), same inputs; u = unit roundoff of the sample dtype",
             "unmapped": DS.UNMAPPED, "cases": cases}
