@@ -172,9 +172,8 @@ class _Adapter:
             if start != 0:
                 k = int(np.sum(ts == ts[0]))
                 return (f"explained: duplicate timesteps (diffusers #12771) — {k} sigmas round to t = {ts[0]:g}; "
-                        f"diffusers' "
-                        f"index_for_timestep starts the run at the second occurrence (index {start}), skipping "
-                        f"sigma_0, and steps past the end ({type(exc).__name__}: {exc})")
+                        f"diffusers' index_for_timestep starts the run at the second occurrence (index {start}), "
+                        f"skipping sigma_0, and steps past the end ({type(exc).__name__}: {exc})")
         return None
 
 
