@@ -12,3 +12,16 @@ def pyplot():
     except ImportError:
         return None
     return plt
+
+
+def finish(fig, ax, path, xlabel: str, ylabel: str, title: str, legend_size: int = 7, ncol: int = 1):
+    """Label, grid and legend the axes, write the figure to ``path`` and close it; returns ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=legend_size, ncol=ncol)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path

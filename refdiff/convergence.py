@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import schedules as S
-from ._plot import pyplot
+from ._plot import finish, pyplot
 from .oracles import GaussianMixture
 from .parametrization import from_x0_eps
 from .samplers import (DDIM, DEIS, DPM2, LMS, RK4, DPMSolver, DPMSolverPP, DPMSolverPPSinglestep, Euler, Grid, Heun,
@@ -171,15 +171,8 @@ def plot_orders(cases, path: Path):
     for k, c in enumerate(cases):
         ax.loglog(c["steps"], c["errors"], marker="o", ms=3, ls=styles[(k // 10) % 4],
                   label=f"{c['sampler']} ({c['measured']:.2f})")
-    ax.set_xlabel("steps N")
-    ax.set_ylabel("global error (max abs)")
-    ax.set_title("convergence against solve_ivp DOP853 (fitted order in the legend)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, "steps N", "global error (max abs)",
+                  "convergence against solve_ivp DOP853 (fitted order in the legend)", ncol=2)
 
 
 def write_order(cases, out_dir, env: dict) -> list:

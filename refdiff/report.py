@@ -18,7 +18,7 @@ import numpy as np
 from . import schedules as S
 from . import selfcheck as C
 from ._env import env_info
-from ._plot import pyplot
+from ._plot import finish, pyplot
 from .oracles import FiniteAtoms, GaussianData, GaussianMixture
 
 __all__ = ["SCHEMA", "run_report", "write_report", "continuous_families", "discrete_tables"]
@@ -359,15 +359,8 @@ def _plot_findings(cases, path: Path):
         ax.semilogy(np.arange(1, len(ratios) + 1), np.maximum(ratios, 1e-6), marker="o", ms=3,
                     label=f"{name} {c['timestep_spacing']} {c['steps']} steps {c['prediction_type']}")
     ax.axhline(1.0, color="k", lw=1, ls="--")
-    ax.set_xlabel("step")
-    ax.set_ylabel("|diffusers - refdiff| / rounding bound")
-    ax.set_title("diffusers against refdiff, per step (ratio <= 1: float32 rounding)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, "step", "|diffusers - refdiff| / rounding bound",
+                  "diffusers against refdiff, per step (ratio <= 1: float32 rounding)", legend_size=6, ncol=2)
 
 
 def _plot_schedules(path: Path):
@@ -379,12 +372,5 @@ def _plot_schedules(path: Path):
     for name, sch in continuous_families().items():
         if not isinstance(sch, S.EDM):
             ax.plot(t, sch.log_snr(t), label=name)
-    ax.set_xlabel("t")
-    ax.set_ylabel("log SNR  log(alpha^2 / sigma^2)")
-    ax.set_title("continuous schedule families")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, "t", "log SNR  log(alpha^2 / sigma^2)", "continuous schedule families",
+                  legend_size=8)
