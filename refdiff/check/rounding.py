@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..samplers.base import AffineAlgebra
+
 __all__ = ["Bounded", "BoundedContext", "exact"]
 
 
-class Bounded:
+class Bounded(AffineAlgebra):
     __slots__ = ("v", "e")
-    __array_priority__ = 1000          # numpy arrays and scalars defer to our reflected operators
 
     def __init__(self, v, e):
         self.v = np.asarray(v, dtype=np.float64)
@@ -36,28 +37,12 @@ class Bounded:
             return self
         raise TypeError("only bounded values (or 0) can be added to a bounded value")
 
-    __radd__ = __add__
-
     def __neg__(self):
         return Bounded(-self.v, self.e)
 
-    def __sub__(self, other):
-        return self + (-other)
-
-    def __rsub__(self, other):
-        return (-self) + other
-
-    def __mul__(self, c):
-        if isinstance(c, Bounded):
-            raise TypeError("a step is affine: bounded values are only scaled by coefficients")
-        c = np.asarray(c, dtype=np.float64)
+    def _scaled(self, c):
         v = self.v * c
         return Bounded(v, np.abs(c) * self.e + np.abs(v))
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, c):
-        return self * (1.0 / np.asarray(c, dtype=np.float64))
 
     def __repr__(self):
         return f"Bounded(max|v| {np.max(np.abs(self.v)):.3g}, max e {np.max(self.e):.3g})"

@@ -29,8 +29,8 @@ from .._validate import as_f64, broadcast_rows
 from ..parametrization import PREDICTIONS
 from ..schedules import ContinuousSchedule, DiscreteSchedule, validate_grid
 
-__all__ = ["Level", "Grid", "Affine", "StepCoeffs", "State", "Sampler", "NumericContext", "SymbolicContext",
-           "model_coeffs", "apply", "step_coeffs", "ELIMINATION_RTOL"]
+__all__ = ["Level", "Grid", "AffineAlgebra", "Affine", "StepCoeffs", "State", "Sampler", "NumericContext",
+           "SymbolicContext", "model_coeffs", "apply", "step_coeffs", "ELIMINATION_RTOL"]
 
 ELIMINATION_RTOL = 1e-11       # old noise must cancel when a stage is rewritten in its own input
 
@@ -150,18 +150,42 @@ class Grid:
 # affine expressions: the symbolic side of a paper-form step
 # ------------------------------------------------------------------------------------------------
 
-class Affine:
+class AffineAlgebra:
+    """The operations a paper-form step may apply to x and D: sums (with 0), negation and scaling by coefficients.
+    Subclasses define ``__add__`` (for their own kind and 0), ``__neg__`` and ``_scaled(c)``; the rest follows.
+    ``Affine`` (symbolic coefficients) and ``refdiff.check.rounding.Bounded`` (running rounding bounds) are the two."""
+
+    __slots__ = ()
+    __array_priority__ = 1000          # numpy scalars and arrays defer to our reflected operators
+
+    def __radd__(self, other):
+        return self + other
+
+    def __sub__(self, other):
+        return self + (-other)
+
+    def __rsub__(self, other):
+        return (-self) + other
+
+    def __mul__(self, c):
+        if isinstance(c, AffineAlgebra):
+            raise TypeError("a step is affine: x and D are only scaled by coefficients, never multiplied together")
+        return self._scaled(np.asarray(c, dtype=np.float64) if np.ndim(c) else float(c))
+
+    def __rmul__(self, c):
+        return self * c
+
+    def __truediv__(self, c):
+        return self * (1.0 / (np.asarray(c, dtype=np.float64) if np.ndim(c) else float(c)))
+
+
+class Affine(AffineAlgebra):
     """sum_k coef_k * symbol_k with float64 scalar or per-row (B,) coefficients."""
 
     __slots__ = ("terms",)
-    __array_priority__ = 1000          # numpy scalars defer to our __rmul__ / __radd__
 
     def __init__(self, terms=None):
         self.terms = dict(terms or {})
-
-    @staticmethod
-    def _coef(c):
-        return np.asarray(c, dtype=np.float64) if np.ndim(c) else float(c)
 
     def __add__(self, other):
         if isinstance(other, Affine):
@@ -173,27 +197,11 @@ class Affine:
             return self
         raise TypeError("only affine expressions (or 0) can be added to an affine expression")
 
-    __radd__ = __add__
-
     def __neg__(self):
         return Affine({k: -v for k, v in self.terms.items()})
 
-    def __sub__(self, other):
-        return self + (-other)
-
-    def __rsub__(self, other):
-        return (-self) + other
-
-    def __mul__(self, c):
-        if isinstance(c, Affine):
-            raise TypeError("an affine expression cannot be multiplied by another")
-        c = self._coef(c)
+    def _scaled(self, c):
         return Affine({k: v * c for k, v in self.terms.items()})
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, c):
-        return self * (1.0 / self._coef(c))
 
     def coef(self, symbol):
         return self.terms.get(symbol, 0.0)
