@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..samplers.base import AffineAlgebra
+from ..samplers.base import AffineAlgebra, NumericContext
 
 __all__ = ["Bounded", "BoundedContext", "exact"]
 
@@ -53,32 +53,22 @@ def exact(v) -> Bounded:
     return Bounded(v, 0.0)
 
 
-class BoundedContext:
+class BoundedContext(NumericContext):
     """Runs a sampler's paper-form step on Bounded values. ``denoise(u, level) -> Bounded D`` and ``noise() -> array``
     are supplied by the caller (e.g. a replay of a third-party implementation's model calls); every evaluation is
-    recorded with its input in ``stages``."""
-
-    symbolic = False
+    recorded with its input in ``stages``, every draw in ``draws``."""
 
     def __init__(self, x: Bounded, denoise, noise, history, grid):
-        self.x = x
-        self.grid = grid
-        self._denoise = denoise
-        self._noise = noise
-        self.history = history
-        self.evaluated = []
+        super().__init__(x, denoise, noise, history, grid)
         self.stages = []
         self.draws = []
-        self.n_noise = 0
 
     def denoise(self, x, level):
-        d = self._denoise(x, level)
-        self.evaluated.append(d)
+        d = super().denoise(x, level)
         self.stages.append((x, level, d))
         return d
 
     def noise(self):
-        self.n_noise += 1
-        z = np.asarray(self._noise(), dtype=np.float64)
+        z = np.asarray(super().noise(), dtype=np.float64)
         self.draws.append(z)
         return exact(z)
