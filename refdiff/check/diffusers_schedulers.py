@@ -16,7 +16,7 @@ import numpy as np
 from .. import schedules as S
 from ..convergence import oracle_model
 from ..oracles import GaussianMixture
-from ..samplers import (DDIM, DDPM, DEIS, DPM2, LMS, DPMSolverPP, DPMSolverPPSDE, DPMSolverPPSinglestep, Euler,
+from ..samplers import (DDIM, DDPM, DEIS, DPM2, LMS, Churn, DPMSolverPP, DPMSolverPPSDE, DPMSolverPPSinglestep, Euler,
                         EulerAncestral, Grid, Heun, Level, SDEDPMSolverPP2M, UniPC, model_coeffs)
 from ..samplers.base import State
 from ..samplers.dpm_solver import lagrange_antiderivatives
@@ -121,7 +121,7 @@ class _Adapter:
     def grid(self, sched, table):
         return Grid.from_discrete(table, sched.timesteps.numpy(), final="data")
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         raise NotImplementedError
 
     def coeffs(self, prediction: str, level: Level):
@@ -146,6 +146,15 @@ class _Adapter:
     def step_starts(self, ts):
         """The timesteps at which steps start (two-stage schedulers list the inner ones twice by design)."""
         return ts
+
+    def step_kwargs(self, variant: str) -> dict:
+        """Keyword arguments of the target's step() for a variant (e.g. EDM churn)."""
+        return {}
+
+    def model_first(self, variant: str) -> bool:
+        """True when the target's step adds noise after the model call (diffusers' churn): a pipeline evaluates
+        the model at the sample before it, where the reference evaluates it at the churned sample."""
+        return False
 
     def sync(self, sched, bstate: State) -> State:
         """Resynchronise state diffusers keeps beyond the sample (e.g. UniPC's corrected sample)."""
@@ -183,7 +192,7 @@ class _DDIM(_Adapter):
     def make(self, config, variant):
         return self.cls(**{"set_alpha_to_one": True, **config}, clip_sample=False)
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         return DDIM(0.0)
 
     def grid(self, sched, table):
@@ -207,7 +216,7 @@ class _DDPM(_Adapter):
     def make(self, config, variant):
         return self.cls(**config, variance_type="fixed_small", clip_sample=False)
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         return DDPM("fixed_small")
 
     def formula_terms(self, ctx, cur, nxt, state, extra):
@@ -238,7 +247,7 @@ class _DPMMultistep(_Adapter):
     def grid(self, sched, table):
         return Grid(_vp_levels(sched), table)
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         if sched.config.algorithm_type == "sde-dpmsolver++":
             return SDEDPMSolverPP2M()
         return DPMSolverPP(sched.config.solver_order)
@@ -275,7 +284,7 @@ class _DPMSinglestep(_Adapter):
         levels = _vp_levels(sched)
         return Grid([levels[i] for i in self._plan(sched)[0]] + [levels[-1]], table)
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         levels = _vp_levels(sched)
         mids = [None if i is None else levels[i] for i in self._plan(sched)[1]]
         return DPMSolverPPSinglestep(intermediate=lambda step, cur, nxt: mids[step])
@@ -288,7 +297,7 @@ class _UniPC(_Adapter):
     def make(self, config, variant):
         return self.cls(**config, solver_order=2, solver_type="bh2", predict_x0=True, final_sigmas_type="zero")
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         return UniPC(2, "bh2")
 
     def grid(self, sched, table):
@@ -310,7 +319,7 @@ class _DEIS(_Adapter):
         # diffusers ends at sigma_last = sqrt((1 - alpha_bar_0) / alpha_bar_0), the table's index 0
         return Grid(_vp_levels(sched), table)
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         return DEIS(sched.config.solver_order)
 
     def formula_terms(self, ctx, cur, nxt, state, extra):
@@ -365,12 +374,33 @@ class _VE(_Adapter):
         return float(sched.init_noise_sigma)
 
 
-class _Euler(_VE):
-    name = "EulerDiscreteScheduler"
-    variants = {"": {}, "Karras": dict(use_karras_sigmas=True)}
+class _Churned:
+    """EDM's stochastic Euler (Karras et al. 2022, Alg. 2 with S_churn, S_tmin, S_tmax): diffusers takes the churn as
+    step() arguments and adds the noise inside step(), after the model was evaluated at the un-churned sample."""
 
-    def sampler(self, sched, table, grid):
-        return Euler()
+    CHURN = dict(s_churn=40.0, s_tmin=0.05, s_tmax=50.0)
+
+    def step_kwargs(self, variant):
+        return dict(self.CHURN) if variant == "churn" else {}
+
+    def model_first(self, variant):
+        return variant == "churn"
+
+    def sampler(self, sched, table, grid, variant=""):
+        return Euler(Churn(self.CHURN["s_churn"], self.CHURN["s_tmin"], self.CHURN["s_tmax"])) if variant == "churn" \
+            else Euler()
+
+    def hypotheses(self, sched, table, config, variant):
+        if variant != "churn":
+            return {}
+        return {"the model is evaluated before the churn, at (x, sigma), and its output read at (x_hat, sigma_hat) "
+                "(diffusers' step adds the churn noise after the model call; EDM Alg. 2 evaluates at x_hat)":
+                ("same-output", None)}
+
+
+class _Euler(_Churned, _VE):
+    name = "EulerDiscreteScheduler"
+    variants = {"": {}, "Karras": dict(use_karras_sigmas=True), "churn": {}}
 
 
 class _EulerA(_VE):
@@ -378,7 +408,7 @@ class _EulerA(_VE):
     predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
     stochastic = True
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         return EulerAncestral()
 
     def explain_nonfinite(self, sched):
@@ -402,7 +432,7 @@ class _Heun(_VE):
     def step_starts(self, ts):
         return ts[::2]
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         return Heun()
 
 
@@ -410,7 +440,7 @@ class _KDPM2(_VE):
     name = "KDPM2DiscreteScheduler"
     predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         return DPM2()
 
 
@@ -427,7 +457,7 @@ class _DPMSDE(_VE):
     def make(self, config, variant):
         return self.cls(**config, **self.variants[variant], noise_sampler_seed=0)
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         return DPMSolverPPSDE(eta=1.0, r=0.5)
 
     def noise_recorder(self, sched, x):
@@ -451,14 +481,15 @@ class _LMS(_VE):
     name = "LMSDiscreteScheduler"
     dt_terms = False               # coefficients by quadrature in float64 from the float32 sigmas
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         return LMS(4)
 
 
-class _EDMEuler(_VE):
+class _EDMEuler(_Churned, _VE):
     """EDM (Karras et al. 2022): the model is F with D = c_skip x + c_out F and input c_in x; no beta table."""
 
     name = "EDMEulerScheduler"
+    variants = {"": {}, "churn": {}}
     predictions = ("epsilon", "v_prediction")
     schedules = ("karras", "exponential")
     spacings = ("-",)
@@ -474,9 +505,6 @@ class _EDMEuler(_VE):
 
     def grid(self, sched, table):
         return Grid.from_sigmas(sched.sigmas.double().numpy())
-
-    def sampler(self, sched, table, grid):
-        return Euler()
 
     def _skip_out(self, sigma, prediction):
         sd = 0.5                      # diffusers' default sigma_data
@@ -525,7 +553,7 @@ class _FlowMatchEuler(_Adapter):
         exact_flow = oracle_model(ORACLE, "flow")
         return lambda x, level: exact_flow(x, Level(None, level.alpha, level.sigma, None))
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         return DDIM(0.0)
 
 
@@ -571,7 +599,7 @@ class ProtocolAdapter(_Adapter):
     def grid(self, sched, table):
         return Grid.from_discrete(table, np.asarray(sched.timesteps).astype(np.int64), final="data")
 
-    def sampler(self, sched, table, grid):
+    def sampler(self, sched, table, grid, variant=""):
         return PROTOCOL_SAMPLERS[self.kind]()
 
 

@@ -41,7 +41,7 @@ class _Mismatch(Exception):
 class _Diffusers:
     """diffusers' side of a run: its scheduler, current sample, call list and noise generator."""
 
-    def __init__(self, adapter, sched, x, dtype, seed):
+    def __init__(self, adapter, sched, x, dtype, seed, step_kwargs=None):
         import torch
 
         self.torch, self.adapter, self.sched = torch, adapter, sched
@@ -53,6 +53,7 @@ class _Diffusers:
         self.gen = torch.Generator().manual_seed(seed)
         self.recorded = adapter.noise_recorder(sched, self.x)
         self.takes_generator = "generator" in inspect.signature(sched.step).parameters
+        self.step_kwargs = dict(step_kwargs or {})
 
     def call(self, model, level):
         """One diffusers step on its own sample with the model output there; returns that output (float64)."""
@@ -62,7 +63,8 @@ class _Diffusers:
         m = self.torch.from_numpy(np.asarray(model(self.x.double().numpy(), level), dtype=np.float64)).to(self.dtype)
         if self.adapter.space == "ve":
             self.sched.scale_model_input(self.x, t)
-        kw = {"generator": self.gen} if self._stochastic() and self.takes_generator else {}
+        kw = {"generator": self.gen} if (self._stochastic() or self.step_kwargs) and self.takes_generator else {}
+        kw.update(self.step_kwargs)
         out = self.sched.step(m, t, self.x, **kw)
         out = out.prev_sample if hasattr(out, "prev_sample") else out[0] if isinstance(out, tuple) else out
         self.x = self.torch.as_tensor(out).to(self.dtype)
@@ -74,13 +76,19 @@ class _Diffusers:
         return self.adapter.stochastic or getattr(config, "algorithm_type", "") == "sde-dpmsolver++"
 
 
-def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None):
-    """Run diffusers and the bounded reference side by side; per-step ratios to the rule, draws, final sample."""
+def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_output=False):
+    """Run diffusers and the bounded reference side by side; per-step ratios to the rule, draws, final sample.
+
+    Both sides read the model output the target got at its own sample, except where the target adds noise after
+    the model call (``adapter.model_first``): there each side's model is evaluated where its algorithm says (the
+    target: the sample before the noise, at the step's start level), unless ``same_output``."""
     import torch
 
     pred = config["prediction_type"]
     model = adapter.model(pred)
-    side = _Diffusers(adapter, sched, x_T, config.get("dtype", "float32"), seed)
+    side = _Diffusers(adapter, sched, x_T, config.get("dtype", "float32"), seed,
+                      adapter.step_kwargs(config.get("variant", "")))
+    own = adapter.model_first(config.get("variant", "")) and not same_output
     ref_gen = torch.Generator().manual_seed(seed)
     u = float(torch.finfo(side.dtype).eps) / 2.0
     bstate, ratios, draws, nonfinite = State(), [], [], 0
@@ -91,7 +99,9 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None):
         cur, nxt = g.levels[st.step], g.levels[st.step + 1]
 
         def denoise(x_in, level):
-            m = side.call(model, level)
+            m = side.call(model, cur if own else level)
+            if own:      # the reference's model at its own stage input, stored in the sample dtype as the target's
+                m = torch.from_numpy(np.asarray(model(x_in.v, level))).to(side.dtype).double().numpy()
             c_x, c_m = adapter.coeffs(pred, level)
             return x_in * c_x + exact(m) * c_m
 
@@ -186,7 +196,7 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
     case["sigmas"] = [float(np.asarray(lv.sigma_ve)) for lv in grid.levels]        # refdiff's levels (sigma / alpha)
     if hasattr(sched, "sigmas"):
         case["target_sigmas"] = np.asarray(sched.sigmas, dtype=np.float64).tolist()
-    smp = adapter.sampler(sched, table, grid)
+    smp = adapter.sampler(sched, table, grid, variant=variant)
     case["refdiff_sampler"] = smp.name
     if x_T is None:
         x_T = np.random.default_rng(seed).standard_normal((2, 4)) * adapter.x_T_scale(sched, grid)
@@ -232,9 +242,12 @@ def _explain(adapter, config, variant, table, x_T, seed):
         try:
             if kind == "sampler":
                 ratios = _replay(adapter, sched, grid, what, config, x_T, seed)[0]
+            elif kind == "same-output":
+                ratios = _replay(adapter, sched, grid, adapter.sampler(sched, table, grid, variant=variant), config,
+                                 x_T, seed, same_output=True)[0]
             else:
-                ratios = _replay(adapter, sched, grid, adapter.sampler(sched, table, grid), config, x_T, seed,
-                                 step_grids=[[cur, nxt] for cur, nxt in what])[0]
+                ratios = _replay(adapter, sched, grid, adapter.sampler(sched, table, grid, variant=variant), config,
+                                 x_T, seed, step_grids=[[cur, nxt] for cur, nxt in what])[0]
         except (_Mismatch, ValueError):
             continue
         if max(ratios) <= 1.0:
