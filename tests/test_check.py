@@ -24,9 +24,9 @@ def _config(adapter, steps, **kw):
     return {**base, **kw}
 
 
-# the 3M and churn variants disagree by design (findings, tested below)
+# the 3M, churn and UniPC bh1 variants disagree by design (findings, tested below)
 AGREEING = [(name, variant) for name, cls in DS.SCHEDULERS.items() for variant in cls.variants
-            if variant not in ("3M", "churn")]
+            if variant not in ("3M", "churn", "bh1")]
 
 
 @pytest.mark.parametrize("name,variant", AGREEING, ids=lambda v: v or "default")
@@ -86,6 +86,16 @@ def test_churn_after_the_model_call_is_a_finding(name):
     assert case["finding"].startswith("explained: the model is evaluated before the churn")
     if name == "EDMEulerScheduler":               # sigma_max 80 > S_tmax = 50: the first step is not churned
         assert case["per_step_ratio"][0] <= 1.0
+
+
+def test_unipc_bh1_nan_at_the_final_step_is_explained():
+    """UniPC with solver_type bh1 and the default final sigma 0: B(h) = -h = -inf on the last step, times a zero
+    corrector residual, gives NaN. Every earlier step agrees with refdiff's UniPC-2(bh1)."""
+    adapter = DS.SCHEDULERS["UniPCMultistepScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10, variant="bh1"))
+    assert case["verdict"] == "fail" and case["nonfinite"] > 0
+    assert max(case["per_step_ratio"][:-1]) <= 1.0 and np.isnan(case["per_step_ratio"][-1])
+    assert case["finding"].startswith("explained: UniPC bh1 with final_sigmas_type='zero'")
 
 
 def test_dpmsolver_3m_finding_is_explained():

@@ -156,6 +156,11 @@ class _Adapter:
         the model at the sample before it, where the reference evaluates it at the churned sample."""
         return False
 
+    def read_level(self, prediction: str, level: Level, start: Level) -> Level:
+        """The level at which the target converts a model output evaluated at the step's ``start`` into x0 when it
+        applies it at ``level`` (only differs for model_first variants)."""
+        return level
+
     def sync(self, sched, bstate: State) -> State:
         """Resynchronise state diffusers keeps beyond the sample (e.g. UniPC's corrected sample)."""
         return bstate
@@ -169,7 +174,7 @@ class _Adapter:
         """label -> ("sampler", alternative sampler) or ("pairs", [(cur, nxt) per step]) for a single-stage sampler."""
         return {}
 
-    def explain_nonfinite(self, sched):
+    def explain_nonfinite(self, sched, ratios):
         """A known cause of non-finite outputs, checked directly; None when there is none to check."""
         return None
 
@@ -293,12 +298,31 @@ class _DPMSinglestep(_Adapter):
 class _UniPC(_Adapter):
     name = "UniPCMultistepScheduler"
     lambda_terms = True
+    variants = {"bh2": dict(solver_type="bh2"), "bh1": dict(solver_type="bh1")}
 
     def make(self, config, variant):
-        return self.cls(**config, solver_order=2, solver_type="bh2", predict_x0=True, final_sigmas_type="zero")
+        return self.cls(**config, **self.variants[variant], solver_order=2, predict_x0=True, final_sigmas_type="zero")
 
     def sampler(self, sched, table, grid, variant=""):
-        return UniPC(2, "bh2")
+        return UniPC(2, sched.config.solver_type)
+
+    def explain_nonfinite(self, sched, ratios):
+        """bh1 takes B(h) = -h; on the step into sigma = 0 (final_sigmas_type "zero", the default) h = inf, and the
+        first-order predictor forms alpha_t B(h) * pred_res with pred_res = 0: -inf * 0 = NaN. Checked: bh1, a final
+        sigma of 0, every earlier step finite, B(h) at the last step -inf in float32."""
+        import torch
+
+        sig = sched.sigmas.to(torch.float32)
+        finite_before = all(np.isfinite(r) for r in ratios[:-1])
+        if sched.config.solver_type != "bh1" or float(sig[-1]) != 0.0 or not finite_before:
+            return None
+        alpha_t, sigma_t = sched._sigma_to_alpha_sigma_t(sig[-1])
+        alpha_s, sigma_s = sched._sigma_to_alpha_sigma_t(sig[-2])
+        h = (torch.log(alpha_t) - torch.log(sigma_t)) - (torch.log(alpha_s) - torch.log(sigma_s))
+        if torch.isinf(h) and torch.isnan(-h * 0.0):
+            return ("explained: UniPC bh1 with final_sigmas_type='zero' — on the last step B(h) = -h = -inf and the "
+                    "first-order predictor's alpha_t B(h) * 0 is NaN (every earlier step agrees)")
+        return None
 
     def grid(self, sched, table):
         return Grid(_vp_levels(sched), table)
@@ -393,14 +417,19 @@ class _Churned:
     def hypotheses(self, sched, table, config, variant):
         if variant != "churn":
             return {}
-        return {"the model is evaluated before the churn, at (x, sigma), and its output read at (x_hat, sigma_hat) "
-                "(diffusers' step adds the churn noise after the model call; EDM Alg. 2 evaluates at x_hat)":
+        return {"the model is evaluated before the churn, at (x, sigma), and its output applied at x_hat "
+                "(diffusers' step adds the churn noise after the model call; EDM Alg. 2 evaluates at x_hat, sigma_hat)":
                 ("same-output", None)}
 
 
 class _Euler(_Churned, _VE):
     name = "EulerDiscreteScheduler"
     variants = {"": {}, "Karras": dict(use_karras_sigmas=True), "churn": {}}
+
+    def read_level(self, prediction, level, start):
+        """diffusers' Euler converts eps with sigma_hat (x_hat - sigma_hat m) but v with the un-churned sigma
+        (c_skip(sigma) x_hat + c_out(sigma) m)."""
+        return start if prediction == "v_prediction" else level
 
 
 class _EulerA(_VE):
@@ -411,7 +440,7 @@ class _EulerA(_VE):
     def sampler(self, sched, table, grid, variant=""):
         return EulerAncestral()
 
-    def explain_nonfinite(self, sched):
+    def explain_nonfinite(self, sched, ratios):
         """diffusers #14213: sigma_up^2 = sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2 rounded in float32 can
         exceed sigma_to^2 when sigma_from is huge (squaredcos_cap_v2: sigma ~ 2e4), so sigma_down = sqrt(negative)."""
         import torch

@@ -88,7 +88,8 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
     model = adapter.model(pred)
     side = _Diffusers(adapter, sched, x_T, config.get("dtype", "float32"), seed,
                       adapter.step_kwargs(config.get("variant", "")))
-    own = adapter.model_first(config.get("variant", "")) and not same_output
+    variant = config.get("variant", "")
+    own = adapter.model_first(variant) and not same_output
     ref_gen = torch.Generator().manual_seed(seed)
     u = float(torch.finfo(side.dtype).eps) / 2.0
     bstate, ratios, draws, nonfinite = State(), [], [], 0
@@ -102,7 +103,8 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
             m = side.call(model, cur if own else level)
             if own:      # the reference's model at its own stage input, stored in the sample dtype as the target's
                 m = torch.from_numpy(np.asarray(model(x_in.v, level))).to(side.dtype).double().numpy()
-            c_x, c_m = adapter.coeffs(pred, level)
+            read = adapter.read_level(pred, level, cur) if adapter.model_first(variant) and same_output else level
+            c_x, c_m = adapter.coeffs(pred, read)
             return x_in * c_x + exact(m) * c_m
 
         def noise():
@@ -226,7 +228,7 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
     case["x_T"] = x_T.tolist()
     case["verdict"] = "pass" if max(ratios) <= 1.0 and nonfinite == 0 else "fail"
     if case["verdict"] == "fail":
-        reason = adapter.explain_nonfinite(sched) if nonfinite else None
+        reason = adapter.explain_nonfinite(sched, ratios) if nonfinite else None
         case["finding"] = reason or _explain(adapter, config, variant, table, x_T, seed)
     return case
 
