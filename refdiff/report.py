@@ -343,7 +343,8 @@ def _findings_markdown(cases) -> list:
 
 
 def _plot_findings(cases, path: Path):
-    """Per-step ratio to the rule (log scale) of every disagreeing case, with the agreeing cases' envelope."""
+    """Per-step ratio to the rule (log scale): one representative (the longest run) of each kind of disagreement,
+    against the agreeing cases' envelope; a non-finite step is marked at the top of the axis."""
     plt = pyplot()
     if plt is None:
         return None
@@ -351,16 +352,26 @@ def _plot_findings(cases, path: Path):
     ok = [r for c in cases if c["verdict"] == "pass" for r in (c.get("per_step_ratio") or [])]
     if ok:
         ax.axhspan(1e-6, max(ok), color="0.85", label=f"agreeing cases (max {max(ok):.2g})")
+    kinds = {}
     for c in cases:
-        ratios = np.asarray(c.get("per_step_ratio") or [], dtype=float)
-        if c["verdict"] != "fail" or not np.any(np.isfinite(ratios)):
-            continue
-        name = f"{c['scheduler']}[{c['variant']}]" if c.get("variant") else c["scheduler"]
-        ax.semilogy(np.arange(1, len(ratios) + 1), np.maximum(ratios, 1e-6), marker="o", ms=3,
-                    label=f"{name} {c['timestep_spacing']} {c['steps']} steps {c['prediction_type']}")
+        if c["verdict"] == "fail" and c.get("per_step_ratio"):
+            key = (c["scheduler"], c.get("variant", ""), str(c.get("finding", ""))[:40])
+            kinds.setdefault(key, []).append(c)
+    top = 1e7
+    for (name, variant, _), cs in kinds.items():
+        c = max(cs, key=lambda c: len(c["per_step_ratio"]))
+        ratios = np.asarray(c["per_step_ratio"], dtype=float)
+        steps = np.arange(1, len(ratios) + 1)
+        label = f"{name}[{variant}]" if variant else name
+        line, = ax.semilogy(steps, np.clip(np.where(np.isfinite(ratios), ratios, np.nan), 1e-6, top), marker="o",
+                            ms=3, label=f"{label}: {len(cs)} cases, e.g. {c['timestep_spacing']} {c['steps']} steps "
+                                        f"{c['prediction_type']}")
+        bad = ~np.isfinite(ratios)
+        if np.any(bad):
+            ax.semilogy(steps[bad], np.full(bad.sum(), top), "x", ms=8, color=line.get_color())
     ax.axhline(1.0, color="k", lw=1, ls="--")
-    return finish(fig, ax, path, "step", "|diffusers - refdiff| / rounding bound",
-                  "diffusers against refdiff, per step (ratio <= 1: float32 rounding)", legend_size=6, ncol=2)
+    return finish(fig, ax, path, "step", "|diffusers - refdiff| / rounding bound (x: non-finite)",
+                  "diffusers against refdiff, per step (ratio <= 1: float32 rounding)", legend_size=6)
 
 
 def _plot_schedules(path: Path):
