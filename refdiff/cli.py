@@ -61,7 +61,7 @@ def _cmd_order(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from .check.runner import UsageError, rerun_case, run_check, write_check
+    from .check.runner import UsageError, findings_by_kind, rerun_case, run_check, write_check
 
     if args.rerun:
         try:
@@ -74,7 +74,9 @@ def _cmd_check(args) -> int:
               f"{case['steps']} steps {case['prediction_type']} {case['dtype']}: {case['verdict']}\n"
               f"  per-step ratio to the rule: {ratios}\n  {case.get('finding', '')}")
         return EXIT_FAIL if case["verdict"] == "fail" else EXIT_PASS
-    bar = _bar(args.quiet)
+    from ._progress import progress_bar
+
+    bar = progress_bar(0, "refdiff check", False if args.quiet else None)
     try:
         doc = run_check(args.target, quick=args.quick, progress=(lambda case: bar.update(1)) if bar else None,
                         on_total=(lambda n: bar.reset(total=n)) if bar else None, seed=args.seed)
@@ -93,29 +95,14 @@ def _cmd_check(args) -> int:
     print(f"refdiff check {args.target}: {doc['verdict']} — {len(cases) - len(failed)} of {len(cases)} cases agree, "
           f"{len(explained)} disagree with an explanation, {len(failed) - len(explained)} unexplained; wrote "
           f"{paths[0]}, {paths[1]}")
-    kinds = {}
     for c in failed:
         if "ratio_to_rule" in c:
             print(f"  FAIL {c['scheduler']}: ratio to the rule {c['ratio_to_rule']:.3g}")
-            continue
-        key = (c["scheduler"], c.get("variant", ""), str(c.get("finding", ""))[:160])
-        kinds.setdefault(key, []).append(c)
-    for (name, variant, finding), cs in kinds.items():
+    for (label, _), cs in findings_by_kind([c for c in failed if "ratio_to_rule" not in c]).items():
         c = cs[0]
-        label = f"{name}[{variant}]" if variant else name
         print(f"  {len(cs):4d} x {label}, e.g. {c['beta_schedule']} {c['timestep_spacing']} {c['steps']} steps "
-              f"{c['prediction_type']}: {finding}")
+              f"{c['prediction_type']}: {str(c.get('finding', ''))[:160]}")
     return EXIT_FAIL if failed else EXIT_PASS
-
-
-def _bar(quiet: bool):
-    if quiet:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=0, desc="refdiff check", disable=None)
 
 
 def _cmd_bench(args) -> int:

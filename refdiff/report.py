@@ -19,6 +19,7 @@ from . import schedules as S
 from . import selfcheck as C
 from ._env import env_info
 from ._plot import finish, pyplot
+from ._progress import progress_bar
 from .oracles import FiniteAtoms, GaussianData, GaussianMixture
 
 __all__ = ["SCHEMA", "run_report", "write_report", "continuous_families", "discrete_tables"]
@@ -154,7 +155,7 @@ def _conformance_cases(store: dict):
     """diffusers' schedulers against the reference (quick grid). A discrepancy explained by a confirmed hypothesis
     (a known diffusers bug) is a finding, reported; an unexplained one is a verification failure."""
     try:
-        from .check.runner import run_check
+        from .check.runner import case_label, run_check
 
         doc = run_check("diffusers", quick=True)
         store["conformance"] = [{k: c.get(k) for k in ("scheduler", "variant", "beta_schedule", "timestep_spacing",
@@ -165,9 +166,8 @@ def _conformance_cases(store: dict):
         yield {"group": "conformance", "name": "diffusers schedulers", "metric": {}, "rule": "refdiff check",
                "verdict": "not run", "detail": f"{type(exc).__name__}: {exc}"}
         return
-    for name in dict.fromkeys((c["scheduler"], c["variant"]) for c in doc["cases"]):
-        cs = [c for c in doc["cases"] if (c["scheduler"], c["variant"]) == name]
-        name = f"{name[0]}[{name[1]}]" if name[1] else name[0]
+    for name in dict.fromkeys(case_label(c) for c in doc["cases"]):
+        cs = [c for c in doc["cases"] if case_label(c) == name]
         agree = sum(c["verdict"] == "pass" for c in cs)
         explained = [c for c in cs if c["verdict"] == "fail" and c.get("finding", "").startswith("explained")]
         findings = "; ".join(dict.fromkeys(c["finding"] for c in explained))
@@ -233,7 +233,7 @@ def run_report(seed: int = 0, progress: bool | None = None) -> dict:
               ("kernels", _kernel_cases),
               ("rng", _rng_cases)]
     cases, seconds = [], {}
-    bar = _progress(len(groups), progress)
+    bar = progress_bar(len(groups), "refdiff report", progress)
     for name, fn in groups:
         t0 = time.perf_counter()
         cases.extend(fn())
@@ -259,16 +259,6 @@ def _select_kernel_backend():
         return select_backend()
     except ImportError:                 # torch absent: the kernel cases report 'not run'
         return None
-
-
-def _progress(total, enabled):
-    if enabled is False:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="refdiff report", disable=None if enabled is None else not enabled)
 
 
 def _fmt(metric: dict) -> str:
@@ -324,6 +314,8 @@ def write_report(report: dict, out_dir) -> list[Path]:
 
 def _findings_markdown(cases) -> list:
     """The diffusers discrepancies of the quick grid: configuration, worst per-step ratio to the rule, explanation."""
+    from .check.runner import case_label
+
     bad = [c for c in cases if c["verdict"] == "fail"]
     lines = ["## diffusers findings", "",
              f"{len(cases) - len(bad)} of {len(cases)} scheduler configurations agree with refdiff to float32 "
@@ -333,7 +325,7 @@ def _findings_markdown(cases) -> list:
         return lines
     lines += ["| scheduler | configuration | worst step ratio | non-finite | finding |", "|---|---|---|---|---|"]
     for c in bad:
-        name = f"{c['scheduler']}[{c['variant']}]" if c.get("variant") else c["scheduler"]
+        name = case_label(c)
         ratios = [r for r in c.get("per_step_ratio") or [] if np.isfinite(r)]
         worst = f"{max(ratios):.3g}" if ratios else "nan"
         lines.append(f"| {name} | {c['beta_schedule']}, {c['timestep_spacing']}, {c['steps']} steps, "
@@ -345,6 +337,8 @@ def _findings_markdown(cases) -> list:
 def _plot_findings(cases, path: Path):
     """Per-step ratio to the rule (log scale): one representative (the longest run) of each kind of disagreement,
     against the agreeing cases' envelope; a non-finite step is marked at the top of the axis."""
+    from .check.runner import findings_by_kind
+
     plt = pyplot()
     if plt is None:
         return None
@@ -352,17 +346,11 @@ def _plot_findings(cases, path: Path):
     ok = [r for c in cases if c["verdict"] == "pass" for r in (c.get("per_step_ratio") or [])]
     if ok:
         ax.axhspan(1e-6, max(ok), color="0.85", label=f"agreeing cases (max {max(ok):.2g})")
-    kinds = {}
-    for c in cases:
-        if c["verdict"] == "fail" and c.get("per_step_ratio"):
-            key = (c["scheduler"], c.get("variant", ""), str(c.get("finding", ""))[:40])
-            kinds.setdefault(key, []).append(c)
     top = 1e7
-    for (name, variant, _), cs in kinds.items():
+    for (label, _), cs in findings_by_kind([c for c in cases if c.get("per_step_ratio")]).items():
         c = max(cs, key=lambda c: len(c["per_step_ratio"]))
         ratios = np.asarray(c["per_step_ratio"], dtype=float)
         steps = np.arange(1, len(ratios) + 1)
-        label = f"{name}[{variant}]" if variant else name
         line, = ax.semilogy(steps, np.clip(np.where(np.isfinite(ratios), ratios, np.nan), 1e-6, top), marker="o",
                             ms=3, label=f"{label}: {len(cs)} cases, e.g. {c['timestep_spacing']} {c['steps']} steps "
                                         f"{c['prediction_type']}")

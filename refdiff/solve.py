@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from ._progress import progress_bar
 from ._validate import as_f64
 from .parametrization import to_x0_eps
 from .samplers.base import Grid, Level, NumericContext, Sampler, State, apply, step_coeffs
@@ -163,10 +164,6 @@ def sample(sampler: Sampler, model: Callable, grid: Grid, x_T, noise=None, predi
 
 
 def _progress(total, enabled):
-    if enabled is False or (enabled is None and total < PROGRESS_MIN_STEPS):
+    if enabled is None and total < PROGRESS_MIN_STEPS:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="sampling", disable=None if enabled is None else not enabled)
+    return progress_bar(total, "sampling", enabled)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PROTOCOL_METHODS", "run_check", "write_check", "resolve", "rerun_case", "CASE_KEYS"]
+__all__ = ["PROTOCOL_METHODS", "run_check", "write_check", "resolve", "rerun_case", "CASE_KEYS", "case_label",
+           "findings_by_kind"]
 
 CASE_KEYS = ("variant", "beta_schedule", "timestep_spacing", "steps", "prediction_type", "dtype")
 
@@ -39,6 +40,21 @@ SCHEMA = "refdiff.check/1"
 
 class UsageError(Exception):
     pass
+
+
+def case_label(case: dict) -> str:
+    """The scheduler with its variant, e.g. DPMSolverMultistepScheduler[3M]."""
+    return f"{case['scheduler']}[{case['variant']}]" if case.get("variant") else case["scheduler"]
+
+
+def findings_by_kind(cases) -> dict:
+    """Failing cases grouped by (label, kind of finding): the finding's text before its per-case details (' — ')."""
+    kinds = {}
+    for c in cases:
+        if c["verdict"] == "fail":
+            kind = str(c.get("finding", "")).split(" — ")[0]
+            kinds.setdefault((case_label(c), kind), []).append(c)
+    return kinds
 
 
 def resolve(target: str):
@@ -163,7 +179,7 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
         ratio = (f"{max(c['per_step_ratio']):.3g}" if c.get("per_step_ratio") else
                  f"{c['ratio_to_rule']:.3g}" if "ratio_to_rule" in c else "-")
         e2e = f"{c['end_to_end_max_abs']:.2e}" if c.get("end_to_end_max_abs") is not None else "-"
-        name = f"{c['scheduler']}[{c['variant']}]" if c.get("variant") else c["scheduler"]
+        name = case_label(c)
         finding = str(c.get("finding", "")).replace("|", "\\|")
         lines.append(f"| {name} | {c['beta_schedule']} | {c['timestep_spacing']} | {c['steps']} | "
                      f"{c['prediction_type']} | {c.get('dtype', 'float32')} | {ratio} | {e2e} | "
