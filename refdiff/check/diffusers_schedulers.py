@@ -19,13 +19,12 @@ from ..oracles import GaussianMixture
 from ..samplers import (DDIM, DDPM, DEIS, DPM2, LMS, Churn, DPMSolverPP, DPMSolverPPSDE, DPMSolverPPSinglestep, Euler,
                         EulerAncestral, Grid, Heun, Level, SDEDPMSolverPP2M, UniPC, model_coeffs)
 from ..samplers.base import State
-from ..samplers.dpm_solver import lagrange_antiderivatives
 from .replay import R, run_case
 from .rounding import exact
 
 __all__ = ["SCHEDULERS", "UNMAPPED", "R", "run_case", "default_cases", "ProtocolAdapter", "PROTOCOL_SAMPLERS"]
 
-PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow": "flow"}   # diffusers' -> refdiff's
 BETAS = {"linear": dict(beta_start=1e-4, beta_end=2e-2), "scaled_linear": dict(beta_start=8.5e-4, beta_end=1.2e-2),
          "squaredcos_cap_v2": {},
          # Lin et al. 2024: scaled_linear rescaled to alpha_bar_T = 0 (only v / x0 prediction is defined there)
@@ -80,7 +79,6 @@ class _Adapter:
     """
 
     space = "vp"
-    stochastic = False
     dt_terms = False               # diffusers forms sigma_next - sigma in float32 (Euler-type updates)
     lambda_terms = False           # diffusers forms lambda = log alpha - log sigma in float32 (exponential integrators)
     variants = {"": {}}            # label -> scheduler kwargs: each variant is its own set of cases
@@ -216,7 +214,6 @@ class _DDIM(_Adapter):
 
 class _DDPM(_Adapter):
     name = "DDPMScheduler"
-    stochastic = True
 
     def make(self, config, variant):
         return self.cls(**config, variance_type="fixed_small", clip_sample=False)
@@ -250,7 +247,7 @@ class _DPMMultistep(_Adapter):
         return self.cls(**config, **self.variants[variant], final_sigmas_type="zero")
 
     def grid(self, sched, table):
-        return Grid(_vp_levels(sched), table)
+        return Grid(_vp_levels(sched))
 
     def sampler(self, sched, table, grid, variant=""):
         if sched.config.algorithm_type == "sde-dpmsolver++":
@@ -287,7 +284,7 @@ class _DPMSinglestep(_Adapter):
 
     def grid(self, sched, table):
         levels = _vp_levels(sched)
-        return Grid([levels[i] for i in self._plan(sched)[0]] + [levels[-1]], table)
+        return Grid([levels[i] for i in self._plan(sched)[0]] + [levels[-1]])
 
     def sampler(self, sched, table, grid, variant=""):
         levels = _vp_levels(sched)
@@ -325,7 +322,7 @@ class _UniPC(_Adapter):
         return None
 
     def grid(self, sched, table):
-        return Grid(_vp_levels(sched), table)
+        return Grid(_vp_levels(sched))
 
     def sync(self, sched, bstate):
         """diffusers corrects from its stored float32 last_sample, not from the sample it returned: use it."""
@@ -341,15 +338,15 @@ class _DEIS(_Adapter):
 
     def grid(self, sched, table):
         # diffusers ends at sigma_last = sqrt((1 - alpha_bar_0) / alpha_bar_0), the table's index 0
-        return Grid(_vp_levels(sched), table)
+        return Grid(_vp_levels(sched))
 
     def sampler(self, sched, table, grid, variant=""):
         return DEIS(sched.config.solver_order)
 
     def formula_terms(self, ctx, cur, nxt, state, extra):
-        """diffusers forms the DEIS coefficients A_j(log rho_t) - A_j(log rho_s) in float32 from float32 logs: each
-        A_j divides by differences of log rho (relative error u sum |log rho| / |difference|) and its polynomial
-        numerator sums terms up to (sum |log rho| + 2)^(k-1); the two values of A_j then cancel."""
+        """diffusers forms the DEIS coefficients A_j(log rho_t) - A_j(log rho_s) in float32: the polynomial numerator
+        of each A_j sums terms up to (sum |log rho| + 2)^(k-1) over the product of node differences, and the two
+        values of A_j then cancel. (The float32 error of the log rho nodes themselves is the lambda_terms part.)"""
         k = extra["order"]
         nodes = [np.log(np.asarray(cur.sigma_ve))] + list(state.extra.get("log_rho", ())[:k - 1])
         eps = [extra["eps"][0]] + list(state.extra.get("eps", ())[:k - 1])
@@ -360,11 +357,9 @@ class _DEIS(_Adapter):
             if np.isneginf(end):
                 continue
             mags = sum(np.abs(n) for n in nodes) + np.abs(end) + 2.0
-            for j, A in enumerate(lagrange_antiderivatives(nodes, end)):
-                den = [nodes[j] - nodes[m] for m in range(k) if m != j]
-                cond = sum((np.abs(nodes[j]) + np.abs(nodes[m])) / np.abs(nodes[j] - nodes[m])
-                           for m in range(k) if m != j)
-                err = np.exp(end) * mags ** (k - 1) / np.abs(np.prod(den)) + np.abs(A) * cond
+            for j in range(k):
+                den = np.prod([nodes[j] - nodes[m] for m in range(k) if m != j])
+                err = np.exp(end) * mags ** (k - 1) / np.abs(den)
                 total = total + np.asarray(nxt.alpha) * np.abs(eps[j].v) * err
         return total
 
@@ -435,7 +430,6 @@ class _Euler(_Churned, _VE):
 class _EulerA(_VE):
     name = "EulerAncestralDiscreteScheduler"
     predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
-    stochastic = True
 
     def sampler(self, sched, table, grid, variant=""):
         return EulerAncestral()
@@ -480,7 +474,6 @@ class _DPMSDE(_VE):
     name = "DPMSolverSDEScheduler"
     predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
     variants = {"": {}, "Karras": dict(use_karras_sigmas=True)}
-    stochastic = True
     lambda_terms = True            # t = -log sigma and back in float32 (log sigma = -lambda)
 
     def make(self, config, variant):
@@ -575,13 +568,6 @@ class _FlowMatchEuler(_Adapter):
         with np.errstate(divide="ignore"):
             return Grid(Level(v, 1.0 - v, v, 2.0 * (np.log1p(-v) - np.log(v))) for v in s)
 
-    def coeffs(self, prediction, level):
-        return model_coeffs("flow", level.alpha, level.sigma)
-
-    def model(self, prediction):
-        exact_flow = oracle_model(ORACLE, "flow")
-        return lambda x, level: exact_flow(x, Level(None, level.alpha, level.sigma, None))
-
     def sampler(self, sched, table, grid, variant=""):
         return DDIM(0.0)
 
@@ -610,7 +596,6 @@ class ProtocolAdapter(_Adapter):
         self.kind = getattr(probe, "refdiff_sampler", None)
         if self.kind not in PROTOCOL_SAMPLERS:
             raise ValueError(f"refdiff_sampler must be one of {sorted(PROTOCOL_SAMPLERS)}, got {self.kind!r}")
-        self.stochastic = PROTOCOL_SAMPLERS[self.kind]().stochastic
 
     def supports(self, config):
         return True

@@ -41,7 +41,7 @@ class _Mismatch(Exception):
 class _Diffusers:
     """diffusers' side of a run: its scheduler, current sample, call list and noise generator."""
 
-    def __init__(self, adapter, sched, x, dtype, seed, step_kwargs=None):
+    def __init__(self, adapter, sched, x, dtype, seed, stochastic: bool, step_kwargs=None):
         import torch
 
         self.torch, self.adapter, self.sched = torch, adapter, sched
@@ -52,8 +52,10 @@ class _Diffusers:
         self.k = 0
         self.gen = torch.Generator().manual_seed(seed)
         self.recorded = adapter.noise_recorder(sched, self.x)
-        self.takes_generator = "generator" in inspect.signature(sched.step).parameters
         self.step_kwargs = dict(step_kwargs or {})
+        # the target draws from the generator passed to step(): stochastic samplers, and the churn of step_kwargs
+        takes_generator = "generator" in inspect.signature(sched.step).parameters
+        self.pass_generator = takes_generator and stochastic
 
     def call(self, model, level):
         """One diffusers step on its own sample with the model output there; returns that output (float64)."""
@@ -63,17 +65,12 @@ class _Diffusers:
         m = self.torch.from_numpy(np.asarray(model(self.x.double().numpy(), level), dtype=np.float64)).to(self.dtype)
         if self.adapter.space == "ve":
             self.sched.scale_model_input(self.x, t)
-        kw = {"generator": self.gen} if (self._stochastic() or self.step_kwargs) and self.takes_generator else {}
-        kw.update(self.step_kwargs)
+        kw = {"generator": self.gen, **self.step_kwargs} if self.pass_generator else dict(self.step_kwargs)
         out = self.sched.step(m, t, self.x, **kw)
         out = out.prev_sample if hasattr(out, "prev_sample") else out[0] if isinstance(out, tuple) else out
         self.x = self.torch.as_tensor(out).to(self.dtype)
         self.k += 1
         return m.double().numpy()
-
-    def _stochastic(self):
-        config = getattr(self.sched, "config", None)
-        return self.adapter.stochastic or getattr(config, "algorithm_type", "") == "sde-dpmsolver++"
 
 
 def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_output=False):
@@ -84,11 +81,10 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
     target: the sample before the noise, at the step's start level), unless ``same_output``."""
     import torch
 
-    pred = config["prediction_type"]
+    pred, variant = config["prediction_type"], config["variant"]
     model = adapter.model(pred)
-    side = _Diffusers(adapter, sched, x_T, config.get("dtype", "float32"), seed,
-                      adapter.step_kwargs(config.get("variant", "")))
-    variant = config.get("variant", "")
+    side = _Diffusers(adapter, sched, x_T, config.get("dtype", "float32"), seed, smp.stochastic,
+                      adapter.step_kwargs(variant))
     own = adapter.model_first(variant) and not same_output
     ref_gen = torch.Generator().manual_seed(seed)
     u = float(torch.finfo(side.dtype).eps) / 2.0
@@ -99,11 +95,14 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
         st = State() if step_grids is not None else adapter.sync(sched, bstate)
         cur, nxt = g.levels[st.step], g.levels[st.step + 1]
 
+        outputs = []             # the model output each stage read, with the level it read it at
+
         def denoise(x_in, level):
             m = side.call(model, cur if own else level)
             if own:      # the reference's model at its own stage input, stored in the sample dtype as the target's
                 m = torch.from_numpy(np.asarray(model(x_in.v, level))).to(side.dtype).double().numpy()
             read = adapter.read_level(pred, level, cur) if adapter.model_first(variant) and same_output else level
+            outputs.append(m)
             c_x, c_m = adapter.coeffs(pred, read)
             return x_in * c_x + exact(m) * c_m
 
@@ -117,7 +116,7 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
         theirs = side.x.double().numpy()
         terms = adapter.formula_terms(ctx, cur, nxt, st, extra)
         if adapter.lambda_terms:
-            terms = terms + _lambda_sensitivity(smp, g, st, ctx, adapter, pred)
+            terms = terms + _lambda_sensitivity(smp, g, st, ctx, outputs, adapter, pred)
         bound = R * u * (out.e + terms)
         with np.errstate(invalid="ignore"):
             ratios.append(float(np.max(np.abs(theirs - out.v) / (bound + 1e-300))))
@@ -141,12 +140,11 @@ def _moved_level(lv: Level, log_snr) -> Level:
     return Level(lv.t, np.sqrt(1.0 / (1.0 + np.exp(-log_snr))), np.sqrt(1.0 / (1.0 + np.exp(log_snr))), log_snr)
 
 
-def _lambda_sensitivity(smp, grid, state, ctx, adapter, pred):
+def _lambda_sensitivity(smp, grid, state, ctx, outputs, adapter, pred):
     """sum over the levels a step reads of |d out / d lambda_l| Lambda_l (units of u), Lambda_l = |log alpha_l| +
     |log sigma_l| + 1 the float32 error of lambda_l = log alpha_l - log sigma_l; the derivative by a central finite
     difference of the same paper step (float64, the replayed model outputs and noise)."""
     i = state.step
-    m_seq = [(d.v - u.v * adapter.coeffs(pred, lv)[0]) / adapter.coeffs(pred, lv)[1] for u, lv, d in ctx.stages]
     base = [_unbounded(v) for v in state.history]
     extra = {k: _unbounded(v) for k, v in state.extra.items()}
     total = 0.0
@@ -162,9 +160,8 @@ def _lambda_sensitivity(smp, grid, state, ctx, adapter, pred):
         for sgn in (1.0, -1.0):
             levels = list(grid.levels)
             levels[j] = _moved_level(lv, lam + sgn * delta)
-            g = Grid.__new__(Grid)
-            g.levels, g.schedule, g.inversion = levels, grid.schedule, grid.inversion
-            it = iter(m_seq)
+            g = Grid(levels, grid.schedule, grid.inversion)
+            it = iter(outputs)
             draws = iter(ctx.draws)
 
             def denoise(x_in, level):
@@ -188,6 +185,7 @@ def _unbounded(v):
 def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
     """One configuration: per-step ratios to the rule, end-to-end error, non-finite and duplicate checks."""
     variant = config.get("variant", next(iter(adapter.variants)))
+    config = {**config, "variant": variant}
     sched = adapter.make(adapter.scheduler_config(config), variant)
     sched.set_timesteps(config["steps"])
     table = adapter.table(sched)
@@ -229,15 +227,15 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
     case["verdict"] = "pass" if max(ratios) <= 1.0 and nonfinite == 0 else "fail"
     if case["verdict"] == "fail":
         reason = adapter.explain_nonfinite(sched, ratios) if nonfinite else None
-        case["finding"] = reason or _explain(adapter, config, variant, table, x_T, seed)
+        case["finding"] = reason or _explain(adapter, config, table, grid, x_T, seed)
     return case
 
 
-def _explain(adapter, config, variant, table, x_T, seed):
+def _explain(adapter, config, table, grid, x_T, seed):
     """Re-run under each alternative hypothesis; the first that reproduces diffusers under the rule explains."""
+    variant = config["variant"]
     sched = adapter.make(adapter.scheduler_config(config), variant)
     sched.set_timesteps(config["steps"])
-    grid = adapter.grid(sched, table)
     for label, (kind, what) in adapter.hypotheses(sched, table, config, variant).items():
         sched = adapter.make(adapter.scheduler_config(config), variant)
         sched.set_timesteps(config["steps"])

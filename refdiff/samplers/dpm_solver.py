@@ -18,7 +18,7 @@ from .._math import exp_remainder
 from .base import Level, Sampler, State
 
 __all__ = ["DPMSolver", "DPMSolverPP", "DPMSolverPPSinglestep", "SDEDPMSolverPP2M", "DEIS", "LOWER_ORDER_FINAL_STEPS",
-           "multistep_order", "lagrange_antiderivatives"]
+           "multistep_order"]
 
 LOWER_ORDER_FINAL_STEPS = 15      # diffusers lowers the final orders only for runs shorter than this
 
@@ -226,7 +226,7 @@ class DPMSolverPPSinglestep(Sampler):
         return x * (nxt.sigma / cur.sigma) - D_r * (nxt.alpha * exp_remainder(-h, 1)), {"order": 2}
 
 
-def lagrange_antiderivatives(nodes, u):
+def _lagrange_antiderivatives(nodes, u):
     """A_j(u) with A_j' = L_j(u) e^u, for the Lagrange basis L_j on ``nodes`` (u = log rho: int L_j(log rho) d rho
     = A_j(log rho_t) - A_j(log rho_s)). A_j = e^u (P - P' + P''), exact for the degree <= 2 bases used here;
     A_j(-inf) = 0 (an end at rho = 0)."""
@@ -251,8 +251,8 @@ def lagrange_antiderivatives(nodes, u):
 
 
 def _lagrange_integrals(nodes, lo, hi):
-    """int_lo^hi L_j(u) e^u du for each basis function (see ``lagrange_antiderivatives``)."""
-    return [b - a for a, b in zip(lagrange_antiderivatives(nodes, lo), lagrange_antiderivatives(nodes, hi))]
+    """int_lo^hi L_j(u) e^u du for each basis function (see ``_lagrange_antiderivatives``)."""
+    return [b - a for a, b in zip(_lagrange_antiderivatives(nodes, lo), _lagrange_antiderivatives(nodes, hi))]
 
 
 class DEIS(Sampler):
