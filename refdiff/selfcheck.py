@@ -14,7 +14,7 @@ from .oracles import GaussianData, _Mixture
 __all__ = [
     "T_GRID", "EDM_T_GRID", "MAX_SCHEDULE_ULP", "schedule_ulp_errors", "discrete_ulp_errors", "roundtrip_errors",
     "tweedie_residual", "denoiser_mc_zscore", "pf_ode_error", "philox_kat_mismatches", "rng_vs_triton",
-    "PHILOX_KAT",
+    "PHILOX_KAT", "FALSE_FAILURE", "z_bound",
 ]
 
 # Schedule evaluation points: both ends, the near-end regions where cancellation lives, and the bulk.
@@ -25,6 +25,19 @@ EDM_T_GRID = np.concatenate([[0.0, 1e-300, 1e-12, 2e-3], np.geomspace(2e-3, 80.0
 MAX_SCHEDULE_ULP = 8          # DESIGN.md §4 / issue acceptance: schedule functions within 8 ulp of mpmath
 LOG_SNR_ULP_FLOOR = 1.0       # lambda is a log of an O(1) ratio: near lambda = 0 only absolute eps is attainable
 EPS = float(np.finfo(np.float64).eps)
+FALSE_FAILURE = 1e-6          # a Monte-Carlo check may fail by chance (another seed) with at most this probability
+
+
+def z_bound(m: int = 1, p: float = FALSE_FAILURE, dof: int | None = None) -> float:
+    """The |z| bound under which m simultaneous two-sided comparisons all pass with probability >= 1 - p
+    (Bonferroni: each at p / m). Gaussian statistics: z = -Phi^-1(p / (2 m)), 4.89 for one comparison, 5.6 for 16.
+    With a standard error estimated from ``dof`` degrees of freedom the statistic is Student-t: its quantile."""
+    from scipy.special import ndtri, stdtrit
+
+    if m < 1 or not 0.0 < p < 1.0:
+        raise ValueError(f"need m >= 1 comparisons and 0 < p < 1, got m = {m}, p = {p}")
+    q = p / (2.0 * m)
+    return float(-ndtri(q)) if dof is None else float(-stdtrit(dof, q))
 
 
 def schedule_ulp_errors(schedule: S.ContinuousSchedule, t=None) -> dict:
@@ -82,7 +95,7 @@ def denoiser_mc_zscore(oracle: _Mixture, x, alpha: float, sigma: float, rng_: np
     """Largest |z| of the exact denoiser against a self-normalised importance-sampling posterior mean.
 
     Prior draws x0_j ~ p_0 weighted by N(x; alpha x0_j, sigma^2 I) estimate E[x0|x]; the standard error is the
-    delta-method one, sqrt(sum w_j^2 (x0_j - m)^2) / sum w_j. |z| <= 4 is the test criterion.
+    delta-method one, sqrt(sum w_j^2 (x0_j - m)^2) / sum w_j. The criterion is |z| <= z_bound(rows x D).
     """
     x = np.atleast_2d(x)
     x0 = oracle.sample(n, rng_)

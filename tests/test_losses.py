@@ -8,9 +8,8 @@ from refdiff import losses as L
 from refdiff import schedules as S
 from refdiff import selfcheck as C
 from refdiff.oracles import GaussianData
-from tolerances import EPS64
+from tolerances import EPS64, z_bound
 
-Z_MAX = 4.0
 
 
 def _data():
@@ -62,9 +61,11 @@ def test_training_loss_is_unbiased(pred, weighting, schedule, sampler):
         w = L.loss_weight(weighting, pred, a, s, dlog_snr_dt=schedule.d_log_snr_dt(tt))
         return float(w * expected_mse(pred, a, s))
 
-    exact = integrate.quad(integrand, 1e-12, 1 - 1e-12, limit=400, epsrel=1e-10)[0]
+    # quad to 1e-7 relative (its error estimate joins the bound): the Monte-Carlo standard error is ~1e-2 relative,
+    # and tighter requests hit quad's roundoff limit on EDM's log-normal tail (integrand ~ e^{2.4 Phi^-1(u)}, u -> 1)
+    exact, quad_err = integrate.quad(integrand, 1e-12, 1 - 1e-12, limit=400, epsrel=1e-7)
     se = res.loss.std(ddof=1) / np.sqrt(n)
-    assert abs(res.loss.mean() - exact) <= Z_MAX * se
+    assert abs(res.loss.mean() - exact) <= z_bound() * se + quad_err
 
 
 def test_discrete_training_loss_is_unbiased():
@@ -74,7 +75,7 @@ def test_discrete_training_loss_is_unbiased():
     i = L.DiscreteUniformTime(1000).sample(rng.uniform(size=n))
     res = L.training_loss(lambda x, tt: x @ M.T + b, DATA.sample(n, rng), i, rng.standard_normal((n, 3)), d)
     exact = np.mean([expected_mse("eps", d.alpha(k), d.sigma(k)) for k in range(1000)])
-    assert abs(res.loss.mean() - exact) <= Z_MAX * res.loss.std(ddof=1) / np.sqrt(n)
+    assert abs(res.loss.mean() - exact) <= z_bound() * res.loss.std(ddof=1) / np.sqrt(n)
 
 
 def test_targets_are_the_parametrizations():

@@ -10,9 +10,8 @@ from refdiff import schedules as S
 from refdiff import selfcheck as C
 from refdiff.oracles import FiniteAtoms, GaussianData, GaussianMixture
 from strategies import spd_matrices
-from tolerances import EPS64, fd_tolerance
+from tolerances import EPS64, fd_tolerance, z_bound
 
-MC_Z_MAX = 4.0           # 4 standard errors (fixed seed)
 TWEEDIE_RTOL = 1e-12
 PF_ODE_RTOL = 1e-9
 
@@ -37,7 +36,7 @@ def test_denoiser_matches_importance_sampled_posterior_mean(name, alpha, sigma):
     o = ORACLES[name]
     rng = np.random.default_rng(11)
     x = o.sample(3, rng) * alpha + sigma * rng.standard_normal((3, o.D))
-    assert C.denoiser_mc_zscore(o, x, alpha, sigma, rng, n=200_000) <= MC_Z_MAX
+    assert C.denoiser_mc_zscore(o, x, alpha, sigma, rng, n=200_000) <= z_bound(x.size)     # 3 rows x D coordinates
 
 
 @pytest.mark.parametrize("name", ORACLES)
@@ -157,12 +156,13 @@ def test_sampling_moments():
     n = 200_000
     xs = g.sample(n, np.random.default_rng(0))
     se_mean = np.sqrt(np.diag(g.cov) / n)
-    assert np.all(np.abs(xs.mean(0) - g.mean) <= MC_Z_MAX * se_mean)
+    z = z_bound(2 * g.D + 1)                                          # D means, D variances, one proportion
+    assert np.all(np.abs(xs.mean(0) - g.mean) <= z * se_mean)
     se_var = np.sqrt(2.0 / n) * np.diag(g.cov)                       # Gaussian: Var(s^2) = 2 sigma^4 / n
-    assert np.all(np.abs(xs.var(0) - np.diag(g.cov)) <= MC_Z_MAX * se_var)
+    assert np.all(np.abs(xs.var(0) - np.diag(g.cov)) <= z * se_var)
     _, labels = ORACLES["gmm"].sample(n, np.random.default_rng(1), return_labels=True)
     p0 = 0.5 + 0.2                                                    # components 0 and 2 carry class 0
-    assert abs(np.mean(labels == 0) - p0) <= MC_Z_MAX * np.sqrt(p0 * (1 - p0) / n)
+    assert abs(np.mean(labels == 0) - p0) <= z * np.sqrt(p0 * (1 - p0) / n)
 
 
 def test_atoms_denoiser_limits():

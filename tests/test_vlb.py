@@ -10,8 +10,8 @@ from refdiff import schedules as S
 from refdiff import selfcheck as C
 from refdiff import vlb as V
 from refdiff.oracles import GaussianData, GaussianMixture
+from tolerances import z_bound
 
-Z_MAX = 4.0
 QUAD_TOL = 1e-10
 
 
@@ -95,7 +95,7 @@ def test_ddpm_vlb_terms_match_exact_expectation(variance):
     cols = np.column_stack([mc.kl, mc.decoder])
     want = np.concatenate([exact.kl[0], exact.decoder])
     se = cols.std(axis=0, ddof=1) / np.sqrt(n)
-    assert np.all(np.abs(cols.mean(axis=0) - want) <= Z_MAX * se)
+    assert np.all(np.abs(cols.mean(axis=0) - want) <= z_bound(cols.shape[1]) * se)
 
 
 def test_learned_range_interpolates_the_fixed_variances():
@@ -143,12 +143,13 @@ def test_vdm_estimators_are_unbiased_for_gaussian_data():
         (V.vdm_reconstruction_term(VDM, x0, eps), exact_c.reconstruction[0]),
     ]
     for est, want in checks:
-        assert abs(est.mean() - want) <= Z_MAX * est.std(ddof=1) / np.sqrt(n)
+        assert abs(est.mean() - want) <= z_bound(len(checks)) * est.std(ddof=1) / np.sqrt(n)
 
 
 def test_gmm_bound_relations_by_monte_carlo():
     """For a mixture (no closed form) the T-step bound still decreases in T toward the continuous ELBO: paired
-    estimates on shared (x, eps) paths, each difference at least 4 standard errors from 0."""
+    estimates on shared (x, eps) paths, each difference significantly above 0 (z_bound: these are one-sided claims
+    about differences far larger than their standard errors, so the fixed seed carries no borderline case)."""
     rng = np.random.default_rng(5)
     gmm = GaussianMixture([0.6, 0.4], [[-1.0, 0.5], [1.0, -0.5]], [np.diag([0.1, 0.3]), np.diag([0.2, 0.05])])
     n = 2000
@@ -168,12 +169,12 @@ def test_gmm_bound_relations_by_monte_carlo():
     b10, b100, b1000 = path_bound(10), path_bound(100), path_bound(1000)
     for hi, lo in ((b10, b100), (b100, b1000)):
         diff = hi - lo
-        assert diff.mean() >= Z_MAX * diff.std(ddof=1) / np.sqrt(n)
+        assert diff.mean() >= z_bound(4) * diff.std(ddof=1) / np.sqrt(n)
     t = rng.uniform(size=n)
     cont = V.vdm_diffusion_term(VDM, x, t, eps, lambda z, tt: gmm.eps(z, VDM.alpha(tt), VDM.sigma(tt)))
     se = np.hypot(cont.std(ddof=1), b1000.std(ddof=1)) / np.sqrt(n)
-    assert b10.mean() - cont.mean() >= Z_MAX * se                    # the limit lies below the coarse bound
-    assert abs(b1000.mean() - cont.mean()) <= Z_MAX * se + (b100.mean() - b1000.mean())   # and T = 1000 is close
+    assert b10.mean() - cont.mean() >= z_bound(4) * se                # the limit lies below the coarse bound
+    assert abs(b1000.mean() - cont.mean()) <= z_bound(4) * se + (b100.mean() - b1000.mean())   # and T = 1000 is close
 
 
 def test_bits_per_dim():

@@ -11,6 +11,11 @@ MAX_SCHEDULE_ULP = 8
 # Round trip t -> log_snr -> t, in units of ulp(t) + eps |lambda / lambda'| (see selfcheck.roundtrip_errors).
 ROUNDTRIP_UNITS = 4.0
 
+# Monte-Carlo checks: fixed seeds, and a bound such that another seed fails with probability < 1e-6
+# (refdiff.selfcheck.z_bound: Bonferroni over the comparisons a test makes; Student-t when the standard error is
+# estimated from few draws).
+from refdiff.selfcheck import FALSE_FAILURE, z_bound  # noqa: E402,F401
+
 # Convention round trips: each direction is one or two roundings, so 1e-15 relative (~4.5 eps) holds.
 CONVENTION_RTOL = 1e-15
 
