@@ -97,7 +97,7 @@ def main(argv=None):
     import triton.language as tl
 
     from bench.harness import SCHEMA, env_block, time_ms, write_results
-    from kernels.sampler_step import sampler_step
+    from kernels.fused_step import sampler_step
     from refdiff.samplers import step_coeffs
     from refdiff.samplers.base import State
 

@@ -17,7 +17,7 @@ import torch
 
 from refdiff.samplers.base import Grid, Sampler, State, step_coeffs
 
-from .sampler_step import sampler_step
+from .fused_step import sampler_step
 
 __all__ = ["DriverResult", "sample", "philox_noise_offsets"]
 

@@ -7,7 +7,8 @@ Head dim d = D1 + tail: D1 the largest power of two <= d (at least 16), the tail
 (72 = 64 + 16, 80 = 64 + 16, 40 = 32 + 16, 160 = 128 + 32): q k^T is two tl.dot's and the output two accumulators,
 so d = 72 does 80 columns of work, not 128. Under Triton's interpreter the dot operands are upcast to fp32 (its
 bf16 arithmetic is wrong; products of fp16 / bf16 values are exact in fp32, so only the summation order differs
-from tensor cores). Backward passes are not part of this module yet.
+from tensor cores). The backward (FlashAttention-2: dK / dV by key block, dQ by query block) runs through
+torch.autograd: ``attention`` is differentiable whenever an input requires a gradient.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from ._launch import MAX_GRID_Y, check_device, interpreter_active
 
-__all__ = ["attention", "attention_autograd", "attention_backward", "p2p_attention", "head_dim_split", "MAX_HEAD_DIM",
+__all__ = ["attention", "attention_forward", "attention_backward", "p2p_attention", "head_dim_split", "MAX_HEAD_DIM",
            "PRECISIONS"]
 
 MAX_HEAD_DIM = 256
@@ -102,7 +103,7 @@ def _attn_fwd_kernel(
     sk_b, sk_h, sk_n, sk_d,                           # ... of k
     sv_b, sv_h, sv_n, sv_d,                           # ... of v
     so_b, so_h, so_n, so_d,                           # ... of the output
-    sl_b, sl_h,                                       # ... of lse (query stride 1)
+    sl_b, sl_h, sl_n,                                 # ... of lse
     H, N_Q, N_K,
     HEAD_D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -151,7 +152,7 @@ def _attn_fwd_kernel(
     if D2 > 0:
         tl.store(o_base + offs_m[:, None] * so_n + d2[None, :] * so_d, (acc2 * inv[:, None]).to(O.dtype.element_ty),
                  mask=mask_m & (d2[None, :] < HEAD_D))
-    tl.store(LSE + _head_offset(bh, H, sl_b, sl_h) + offs_m, m_i + tl.log(l_i), mask=offs_m < N_Q)
+    tl.store(LSE + _head_offset(bh, H, sl_b, sl_h) + offs_m * sl_n, m_i + tl.log(l_i), mask=offs_m < N_Q)
 
 
 def _fits(config, width: int) -> bool:
@@ -189,47 +190,87 @@ def _tuned_forward():
     return _TUNED
 
 
-def attention(q, k, v, scale=None, return_lse: bool = False, input_precision: str | None = None, out=None,
-              lse=None):
-    """softmax(scale q k^T) v for (B, H, N, d) tensors of any strides; scale defaults to 1 / sqrt(d).
-
-    fp32 inputs need ``input_precision`` ("ieee": exact fp32 products; "tf32": tensor-core TF32), since the two
-    differ by ~1e-3 relative. Returns out (and the natural-log lse (B, H, N_q) float32 with ``return_lse``).
-    """
+def _check_qkv(q, k, v):
+    """q, k, v: 4-D tensors on one usable device, one storage dtype, matching batch / heads / head dim."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D torch tensor (B, H, N, d)")
+            raise ValueError(f"{name} must be a 4-D torch tensor (B, H, N, d), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     check_device(q, k, v)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"attention takes float16, bfloat16 or float32, got {q.dtype}")
-    B, H, NQ, D = q.shape
+    B, H, _, D = q.shape
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head dim")
     if v.shape != k.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    head_dim_split(D)
+
+
+def _precision(dtype, input_precision):
+    """The tl.dot input precision: fp32 inputs must name one (TF32 and IEEE differ by ~1e-3 relative); fp16 / bf16
+    products are exact in fp32 either way. The interpreter computes exact fp32 products whatever is asked."""
+    if dtype == torch.float32:
+        if input_precision not in PRECISIONS:
+            raise ValueError(f"fp32 attention needs input_precision='ieee' (exact fp32 products) or 'tf32' (tensor-core "
+                             f"TF32, ~1e-3 relative), got {input_precision!r}")
+    elif input_precision not in (None, "ieee"):
+        raise ValueError(f"input_precision applies to fp32 inputs only (accepted for {dtype}: None or 'ieee'), got "
+                         f"{input_precision!r}")
+    return "ieee" if interpreter_active() else (input_precision or "ieee")
+
+
+def attention(q, k, v, scale=None, return_lse: bool = False, input_precision: str | None = None, out=None,
+              lse=None):
+    """softmax(scale q k^T) v for (B, H, N, d) tensors of any strides; scale defaults to 1 / sqrt(d).
+
+    Differentiable: when an input requires a gradient (and grad mode is on) the backward runs the Triton backward
+    kernels through torch.autograd (the lse output carries no gradient; ``out`` / ``lse`` buffers are then refused,
+    as autograd owns its outputs). fp32 inputs need ``input_precision`` ("ieee": exact fp32 products; "tf32":
+    tensor-core TF32). Returns out (and the natural-log lse (B, H, N_q) float32 with ``return_lse``).
+    """
+    _check_qkv(q, k, v)
+    _precision(q.dtype, input_precision)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        if out is not None or lse is not None:
+            raise ValueError("out= / lse= buffers cannot be used while autograd records attention (its outputs are "
+                             "new tensors); run under torch.no_grad() or drop the buffers")
+        o, l = _FlashAttention.apply(q, k, v, scale, input_precision)
+        return (o, l) if return_lse else o
+    o, l = attention_forward(q, k, v, scale, input_precision, out, lse)
+    return (o, l) if return_lse else o
+
+
+def attention_forward(q, k, v, scale=None, input_precision=None, out=None, lse=None):
+    """The forward kernel alone: (out, lse), no autograd. ``out`` (q's shape and dtype) and ``lse`` ((B, H, N_q)
+    float32) may be given, with any strides."""
+    _check_qkv(q, k, v)
+    precision = _precision(q.dtype, input_precision)
+    B, H, NQ, D = q.shape
     NK = k.shape[2]
     d1, d2 = head_dim_split(D)
-    if q.dtype == torch.float32:
-        if input_precision not in PRECISIONS:
-            raise ValueError(f"fp32 attention needs input_precision in {PRECISIONS} (TF32 differs by ~1e-3)")
-    elif input_precision not in (None, "ieee"):
-        raise ValueError("input_precision applies to fp32 inputs only")
-    precision = "ieee" if interpreter_active() else (input_precision or "ieee")
+    for name, buf, shape, dtype in (("out", out, tuple(q.shape), q.dtype), ("lse", lse, (B, H, NQ), torch.float32)):
+        if buf is None:
+            continue
+        if not isinstance(buf, torch.Tensor) or tuple(buf.shape) != shape or buf.dtype != dtype:
+            raise ValueError(f"{name} must be a {dtype} tensor of shape {shape}, got "
+                             f"{(buf.dtype, tuple(buf.shape)) if isinstance(buf, torch.Tensor) else type(buf).__name__}")
+        if buf.device != q.device:
+            raise ValueError(f"{name} is on {buf.device}, q on {q.device}: all tensors must be on the same device")
+        if any(st == 0 and n > 1 for st, n in zip(buf.stride(), buf.shape)):
+            raise ValueError(f"{name} is an expanded (stride-0) view: its rows would overwrite each other")
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device) if lse is None else lse
-    if out.shape != q.shape or lse.shape != (B, H, NQ):
-        raise ValueError("out must match q and lse must be (B, H, N_q)")
-    if q.numel() == 0 or NK == 0:
-        if NK == 0 and q.numel():
-            raise ValueError("attention over zero keys is undefined")
-        return (out, lse) if return_lse else out
+    if q.numel() == 0:
+        return out, lse
+    if NK == 0:
+        raise ValueError("attention over zero keys is undefined (softmax over an empty set): N_k must be >= 1")
     if B * H > MAX_GRID_Y:
         raise ValueError(f"B * H = {B * H} exceeds the grid's axis-1 limit {MAX_GRID_Y}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    args = (q, k, v, out, lse, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
-            lse.stride(1), H, NQ, NK)
+    args = (q, k, v, out, lse, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), H, NQ, NK)
     if interpreter_active():
         bm, bn, warps, stages = INTERPRETER_CONFIG
         _attn_fwd_kernel[(triton.cdiv(NQ, bm), B * H)](
@@ -238,7 +279,7 @@ def attention(q, k, v, scale=None, return_lse: bool = False, input_precision: st
     else:
         _tuned_forward()[lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)](
             *args, HEAD_D=D, D1=d1, D2=d2, UPCAST=False, PRECISION=precision, WHILE_LOOP=False)
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 # ------------------------------------------------------------------------------------------------
@@ -410,11 +451,20 @@ BWD_CONFIG_WIDE = (32, 32, 4, 1)   # head dims past 128: smaller tiles keep q, k
 
 
 def attention_backward(q, k, v, out, lse, d_out, scale, input_precision=None):
-    """(dq, dk, dv) of softmax(scale q k^T) v given d_out, using the forward's out and lse."""
+    """(dq, dk, dv) of softmax(scale q k^T) v given d_out, using the forward's out and lse (any strides)."""
+    _check_qkv(q, k, v)
+    precision = _precision(q.dtype, input_precision)
     B, H, NQ, D = q.shape
     NK = k.shape[2]
+    for name, t, shape, dtype in (("out", out, tuple(q.shape), q.dtype), ("d_out", d_out, tuple(q.shape), None),
+                                  ("lse", lse, (B, H, NQ), torch.float32)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+            raise ValueError(f"{name} must be a tensor of shape {shape}{f' and dtype {dtype}' if dtype else ''}")
+    check_device(q, out, d_out, lse)
+    if NK == 0 and q.numel():
+        raise ValueError("attention over zero keys is undefined: N_k must be >= 1")
     d1, d2 = head_dim_split(D)
-    precision = "ieee" if interpreter_active() else (input_precision or "ieee")
+    d_out = d_out.to(q.dtype)
     delta = (d_out.float() * out.float()).sum(-1).contiguous()           # rowsum(dO * O), float32 (B, H, N_q)
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -437,7 +487,8 @@ def attention_backward(q, k, v, out, lse, d_out, scale, input_precision=None):
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, input_precision):
-        out, lse = attention(q, k, v, scale=scale, return_lse=True, input_precision=input_precision)
+        out, lse = attention_forward(q, k, v, scale, input_precision)
+        ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         ctx.input_precision = input_precision
@@ -448,12 +499,6 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = attention_backward(q, k, v, out, lse, d_out, ctx.scale, ctx.input_precision)
         return dq, dk, dv, None, None
-
-
-def attention_autograd(q, k, v, scale=None, input_precision=None):
-    """``attention`` with a Triton backward through torch.autograd (the lse output carries no gradient)."""
-    out, _ = _FlashAttention.apply(q, k, v, scale, input_precision)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -574,8 +619,8 @@ def p2p_attention(q, k, v, q_source, k_source, alignment=None, weights=None, sca
         torch.as_tensor(weights, dtype=torch.float32, device=dev).reshape(NK).contiguous()
     sel = (align >= 0).float().contiguous()
     k_aligned = k_source[:, :, align.clamp(min=0)]                     # (B, H, N_k, d): source keys by target token
-    _, lse_src = attention(q_source, k_source, k_source, scale=scale, return_lse=True,
-                           input_precision=input_precision)           # the source softmax's normaliser
+    _, lse_src = attention_forward(q_source, k_source, k_source, scale,
+                                   input_precision)                   # the source softmax's normaliser
     d1, d2 = head_dim_split(D)
     precision = "ieee" if interpreter_active() else (input_precision or "ieee")
     out = torch.empty_like(q)

@@ -18,23 +18,18 @@ import torch
 import triton
 import triton.language as tl
 
+from refdiff.guidance import check_threshold
+
+from ._jit import offset as _offset
 from ._launch import check_device, check_grid, check_storage, check_tensors, row_layout
 
 __all__ = ["sampler_step", "cfg_rescale_factors", "COEFF_NAMES", "BLOCK"]
 
 BLOCK = 1024                  # elements per program: 4 KB of fp32 per operand, enough to hide latency
 COEFF_NAMES = ("c_x", "c_m", "a", "b", "c1", "c2", "d", "w")
-NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
-
-
-@triton.jit
-def _offset(j, n2, n3, s1, s2, s3, CONTIG: tl.constexpr):
-    """Memory offset of in-row logical index j for one tensor's inner strides (int64)."""
-    if CONTIG:
-        return j
-    i3 = j % n3
-    r = j // n3
-    return (r // n2) * s1 + (r % n2) * s2 + i3 * s3
+NOISE_NONE = tl.constexpr(0)         # noise modes of the kernel's NOISE argument
+NOISE_TENSOR = tl.constexpr(1)
+NOISE_PHILOX = tl.constexpr(2)
 
 
 @triton.jit
@@ -65,18 +60,23 @@ def _sampler_step_kernel(
     NOISE: tl.constexpr, PER_ROW: tl.constexpr, CONTIG: tl.constexpr, THRESHOLD: tl.constexpr,
     WRITE_X: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # a slot whose coefficient is 0 contributes exactly 0 (as in refdiff.apply): an unused history or noise buffer
+    # may hold anything, e.g. uninitialised memory in a captured CUDA graph, and 0 * NaN would poison the output.
+    # Scalar zeros are compiled out by the launcher; per-row zeros select 0 here (tl.where, not 0 * value).
     row = tl.program_id(1).to(tl.int64)
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = j < n_per_row
+    ca = _coef(coef_ptr, a, 2, row, n_rows, PER_ROW)
     x = tl.load(x_ptr + row * sx_b + _offset(j, n2, n3, sx_1, sx_2, sx_3, CONTIG), mask=mask).to(tl.float32)
-    acc = _coef(coef_ptr, a, 2, row, n_rows, PER_ROW) * x
+    acc = tl.where(ca != 0, ca * x, 0.0)
     if EVALUATE:
         m = tl.load(mu_ptr + row * su_b + _offset(j, n2, n3, su_1, su_2, su_3, CONTIG), mask=mask).to(tl.float32)
         if HAS_COND:
             mc = tl.load(mc_ptr + row * sc_b + _offset(j, n2, n3, sc_1, sc_2, sc_3, CONTIG),
                          mask=mask).to(tl.float32)
             m = m + _coef(coef_ptr, w, 7, row, n_rows, PER_ROW) * (mc - m)
-        D = _coef(coef_ptr, c_x, 0, row, n_rows, PER_ROW) * x + _coef(coef_ptr, c_m, 1, row, n_rows, PER_ROW) * m
+        cx = _coef(coef_ptr, c_x, 0, row, n_rows, PER_ROW)
+        D = tl.where(cx != 0, cx * x, 0.0) + _coef(coef_ptr, c_m, 1, row, n_rows, PER_ROW) * m
         if THRESHOLD:
             s_row = tl.load(thr_ptr + row)
             D = tl.minimum(tl.maximum(D, -s_row), s_row) * (thr_max / s_row)
@@ -84,15 +84,18 @@ def _sampler_step_kernel(
                  D.to(d_ptr.dtype.element_ty), mask=mask)
         acc += _coef(coef_ptr, b, 3, row, n_rows, PER_ROW) * D
     if HAS_P1:
+        cp1 = _coef(coef_ptr, c1, 4, row, n_rows, PER_ROW)
         p1 = tl.load(p1_ptr + row * sp1_b + _offset(j, n2, n3, sp1_1, sp1_2, sp1_3, CONTIG), mask=mask)
-        acc += _coef(coef_ptr, c1, 4, row, n_rows, PER_ROW) * p1.to(tl.float32)
+        acc += tl.where(cp1 != 0, cp1 * p1.to(tl.float32), 0.0)
     if HAS_P2:
+        cp2 = _coef(coef_ptr, c2, 5, row, n_rows, PER_ROW)
         p2 = tl.load(p2_ptr + row * sp2_b + _offset(j, n2, n3, sp2_1, sp2_2, sp2_3, CONTIG), mask=mask)
-        acc += _coef(coef_ptr, c2, 5, row, n_rows, PER_ROW) * p2.to(tl.float32)
-    if NOISE == 1:
+        acc += tl.where(cp2 != 0, cp2 * p2.to(tl.float32), 0.0)
+    if NOISE == NOISE_TENSOR:
+        cz = _coef(coef_ptr, d, 6, row, n_rows, PER_ROW)
         z = tl.load(z_ptr + row * sz_b + _offset(j, n2, n3, sz_1, sz_2, sz_3, CONTIG), mask=mask).to(tl.float32)
-        acc += _coef(coef_ptr, d, 6, row, n_rows, PER_ROW) * z
-    if NOISE == 2:
+        acc += tl.where(cz != 0, cz * z, 0.0)
+    if NOISE == NOISE_PHILOX:
         z = tl.randn(seed, noise_offset + row * n_per_row + j)
         acc += _coef(coef_ptr, d, 6, row, n_rows, PER_ROW) * z
     if WRITE_X:
@@ -223,6 +226,10 @@ def sampler_step(x, coeffs, m_uncond=None, m_cond=None, d_prev1=None, d_prev2=No
         raise ValueError("CFG-rescale and thresholding act on the model output: the stage must evaluate it")
     if cfg_rescale is not None and m_cond is None:
         raise ValueError("CFG-rescale needs the conditional output m_cond")
+    if cfg_rescale is not None and not 0.0 <= cfg_rescale <= 1.0:
+        raise ValueError(f"CFG-rescale's phi must lie in [0, 1], got {cfg_rescale}")
+    if threshold is not None:
+        check_threshold(*threshold)
     out = torch.empty_like(x) if out is None else out
     out_d = (torch.empty_like(x) if out_d is None else out_d) if evaluate else None
     if x.numel() == 0:
@@ -239,8 +246,6 @@ def sampler_step(x, coeffs, m_uncond=None, m_cond=None, d_prev1=None, d_prev2=No
     thr = None
     if threshold is not None:
         pct, max_value, *rest = threshold
-        if not 0.0 < pct <= 1.0:
-            raise ValueError(f"threshold percentile must lie in (0, 1], got {pct}")
         ceiling = rest[0] if rest else float("inf")
         _, d_only = _launch_step(x, scal, per_row, m_uncond, m_cond, None, None, None, None, 0, out, out_d,
                                  evaluate=True, write_x=False, thr=None, thr_max=1.0)
@@ -264,14 +269,17 @@ def _launch_step(x, scal, per_row, m_uncond, m_cond, d_prev1, d_prev2, noise, se
     dummy = lay["x"][0]
     ptr = {k: (v if v is not None else dummy) for k, (v, _) in lay.items()}
     strides = [lay[k][1] for k in ("x", "m_uncond", "m_cond", "d_prev1", "d_prev2", "noise", "out", "out_d")]
-    noise_mode = 1 if noise is not None else (2 if seed is not None else 0)
+    # slots whose scalar coefficient is 0 are compiled out; per-row zeros are masked inside the kernel
+    used = {k: per_row is not None or scal[COEFF_NAMES.index(k)] != 0 for k in ("c1", "c2", "d")}
+    noise_mode = (NOISE_NONE if not used["d"] else NOISE_TENSOR if noise is not None else
+                  NOISE_PHILOX if seed is not None else NOISE_NONE).value
     _sampler_step_kernel[(blocks, n_rows)](
         ptr["x"], ptr["m_uncond"], ptr["m_cond"], ptr["d_prev1"], ptr["d_prev2"], ptr["noise"], ptr["out"],
         ptr["out_d"], per_row if per_row is not None else torch.zeros(1, dtype=torch.float32, device=x.device),
         *scal, n_rows, n_per_row, n2, n3, *[s for st in strides for s in st],
         int(seed) if seed is not None else 0, int(noise_offset), thr if thr is not None else dummy, float(thr_max),
-        EVALUATE=evaluate, HAS_COND=evaluate and m_cond is not None, HAS_P1=d_prev1 is not None,
-        HAS_P2=d_prev2 is not None, NOISE=noise_mode, PER_ROW=per_row is not None, CONTIG=contig,
+        EVALUATE=evaluate, HAS_COND=evaluate and m_cond is not None, HAS_P1=d_prev1 is not None and used["c1"],
+        HAS_P2=d_prev2 is not None and used["c2"], NOISE=noise_mode, PER_ROW=per_row is not None, CONTIG=contig,
         THRESHOLD=thr is not None, WRITE_X=write_x, BLOCK=BLOCK)
     if lay["out"][0] is not out:
         out.copy_(lay["out"][0])

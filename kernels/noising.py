@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._launch import check_grid, check_tensors, row_layout
-from .sampler_step import _offset
+from ._jit import offset as _offset
 
 __all__ = ["add_noise", "noising_loss", "NoisingLoss", "TARGETS"]
 

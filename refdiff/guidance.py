@@ -13,7 +13,7 @@ from ._validate import as_f64, broadcast_rows, check_same_shape
 from .conventions import cfg_combine
 
 __all__ = ["cfg", "cfg_rescale", "classifier_guidance_eps", "classifier_guidance_mean", "compose",
-           "mix_views", "dynamic_threshold", "DYNAMIC_THRESHOLD_PERCENTILE"]
+           "mix_views", "dynamic_threshold", "check_threshold", "DYNAMIC_THRESHOLD_PERCENTILE"]
 
 DYNAMIC_THRESHOLD_PERCENTILE = 0.995      # Saharia et al. 2022 (Imagen), diffusers' default ratio
 
@@ -94,13 +94,29 @@ def mix_views(x, views, model_outputs_fn, weights=None):
     return out
 
 
+def check_threshold(percentile, max_value, ceiling=np.inf) -> None:
+    """Dynamic thresholding's arguments: 0 < percentile <= 1, max_value > 0 (a negative one would flip every sign,
+    since x0 is divided by s and multiplied by max_value) and ceiling >= max_value."""
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"percentile must lie in (0, 1], got {percentile}")
+    if not max_value > 0:
+        raise ValueError(f"max_value must be > 0 (the data range; a negative one flips signs), got {max_value}")
+    if not ceiling >= max_value:
+        raise ValueError(f"ceiling must be >= max_value, got ceiling {ceiling} and max_value {max_value}")
+
+
 def dynamic_threshold(x0, percentile: float = DYNAMIC_THRESHOLD_PERCENTILE, max_value: float = 1.0,
                       ceiling: float = np.inf):
     """Imagen dynamic thresholding (Saharia et al. 2022, §2.3): per sample s = max(quantile(|x0|, p), max_value)
     (capped at ``ceiling``), then x0 <- clip(x0, -s, s) / s * max_value. Quantiles interpolate linearly (torch's)."""
     x0 = as_f64(x0, "x0")
-    if not 0.0 < percentile <= 1.0:
-        raise ValueError(f"percentile must lie in (0, 1], got {percentile}")
+    check_threshold(percentile, max_value, ceiling)
+    if x0.ndim < 2:
+        raise ValueError(f"x0 must be (B, ...) with at least one element per sample, got shape {x0.shape}")
+    if x0.shape[0] == 0:
+        return x0.copy()
+    if x0[0].size == 0:
+        raise ValueError(f"each sample needs at least one element for its quantile, got shape {x0.shape}")
     flat = np.abs(x0.reshape(x0.shape[0], -1))
     s = np.clip(np.quantile(flat, percentile, axis=1), max_value, ceiling)
     s = s.reshape((x0.shape[0],) + (1,) * (x0.ndim - 1))

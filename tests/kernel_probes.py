@@ -4,8 +4,8 @@ run at offsets past 2^31 without allocating 2^31 elements."""
 import triton
 import triton.language as tl
 
-from kernels.attention import _head_offset
-from kernels.sampler_step import _offset
+from kernels.flash_attention import _head_offset
+from kernels._jit import offset as _offset
 
 
 @triton.jit

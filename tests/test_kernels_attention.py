@@ -1,4 +1,5 @@
-"""kernels.attention (forward) against refdiff.attention in float64, by the flash-attention error rule."""
+"""kernels.attention (forward, backward, prompt-to-prompt) against refdiff.attention in float64, by the
+flash-attention error rule; its bad-input table."""
 
 import math
 
@@ -10,8 +11,9 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from kernels import attention as KA  # noqa: E402
+from kernels import flash_attention as KA  # noqa: E402
 from refdiff.attention import attention as ref_attention  # noqa: E402
+from bad_inputs import bad, refused  # noqa: E402
 from tolerances import EPS32, KERNEL_FLOOR_ULPS, kernel_rule_violation  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,23 +94,81 @@ def test_head_dim_split_avoids_padding_to_the_next_power_of_two(d, split):
     assert KA.head_dim_split(d) == split
 
 
-def test_bad_input():
-    q = torch.zeros((1, 2, 5, 16), device=DEVICE, dtype=torch.float16)
-    with pytest.raises(ValueError, match="batch, heads or head dim"):
-        KA.attention(q, torch.zeros((1, 3, 5, 16), device=DEVICE, dtype=torch.float16), q)
-    with pytest.raises(ValueError, match="same shape"):
-        KA.attention(q, q, torch.zeros((1, 2, 4, 16), device=DEVICE, dtype=torch.float16))
-    with pytest.raises(ValueError, match="head dim"):
-        big = torch.zeros((1, 1, 2, 300), device=DEVICE, dtype=torch.float16)
-        KA.attention(big, big, big)
-    with pytest.raises(ValueError, match="dtypes differ"):
-        KA.attention(q, q.float(), q)
-    with pytest.raises(ValueError, match="input_precision"):
-        KA.attention(q.float(), q.float(), q.float())
-    with pytest.raises(ValueError, match="same device"):
-        KA.attention(q, q.to("meta"), q)
+Q16 = torch.zeros((1, 2, 5, 16), device=DEVICE, dtype=torch.float16)
+Q32 = Q16.float()
+K16_3H = torch.zeros((1, 3, 5, 16), device=DEVICE, dtype=torch.float16)
+V16_4N = torch.zeros((1, 2, 4, 16), device=DEVICE, dtype=torch.float16)
+WIDE = torch.zeros((1, 1, 2, 300), device=DEVICE, dtype=torch.float16)
+NO_KEYS = torch.zeros((1, 2, 0, 16), device=DEVICE, dtype=torch.float16)
+Q_GRAD = Q16.clone().requires_grad_()
+P2P = _inputs(1, 1, 8, 7, 16, torch.float16, 1.0, "BHND", 0)
+
+BAD = [
+    bad(lambda: KA.attention(Q16, K16_3H, K16_3H), ValueError, "batch, heads or head dim", "heads-differ"),
+    bad(lambda: KA.attention(Q16, Q16, V16_4N), ValueError, "same shape", "k-v-shapes-differ"),
+    bad(lambda: KA.attention(WIDE, WIDE, WIDE), ValueError, r"head dim must lie in \[1, 256\]", "head-dim-300"),
+    bad(lambda: KA.attention(Q16[..., :0], Q16[..., :0], Q16[..., :0]), ValueError, "head dim", "head-dim-0"),
+    bad(lambda: KA.attention(Q16, Q32, Q16), ValueError, "dtypes differ", "mixed-dtypes"),
+    bad(lambda: KA.attention(Q32, Q32, Q32), ValueError, "input_precision='ieee'.*'tf32'", "fp32-needs-precision"),
+    bad(lambda: KA.attention(Q32, Q32, Q32, input_precision="fp32"), ValueError, "'ieee'", "fp32-unknown-precision"),
+    bad(lambda: KA.attention(Q16, Q16, Q16, input_precision="tf32"), ValueError, "fp32 inputs only",
+        "fp16-with-tf32"),
+    bad(lambda: KA.attention(Q16, Q16.to("meta"), Q16), ValueError, "same device", "mixed-devices"),
+    bad(lambda: KA.attention(Q16[0], Q16[0], Q16[0]), ValueError, "4-D torch tensor", "3-D-inputs"),
+    bad(lambda: KA.attention(Q16.numpy() if DEVICE == "cpu" else Q16.cpu().numpy(), Q16, Q16), ValueError,
+        "4-D torch tensor", "numpy-input"),
+    bad(lambda: KA.attention(Q16.double(), Q16.double(), Q16.double()), ValueError, "float16, bfloat16 or float32",
+        "float64"),
+    bad(lambda: KA.attention(Q16.int(), Q16.int(), Q16.int()), ValueError, "float16, bfloat16 or float32", "int32"),
+    bad(lambda: KA.attention(Q16, NO_KEYS, NO_KEYS), ValueError, "zero keys", "N_k-0"),
+    bad(lambda: KA.attention(Q16, Q16, Q16, lse=torch.zeros((1, 2, 5), dtype=torch.int32, device=DEVICE)),
+        ValueError, "lse must be a torch.float32", "int32-lse-buffer"),
+    bad(lambda: KA.attention(Q16, Q16, Q16, lse=torch.zeros((1, 2, 4), device=DEVICE)), ValueError,
+        r"shape \(1, 2, 5\)", "lse-buffer-shape"),
+    bad(lambda: KA.attention(Q16, Q16, Q16, out=torch.zeros_like(Q32)), ValueError, "out must be a torch.float16",
+        "out-buffer-dtype"),
+    bad(lambda: KA.attention(Q16, Q16, Q16, out=torch.zeros((1, 1, 1, 16), dtype=torch.float16,
+                                                              device=DEVICE).expand(1, 2, 5, 16)),
+        ValueError, "stride-0", "expanded-out-buffer"),
+    bad(lambda: KA.attention(Q_GRAD, Q16, Q16, out=torch.zeros_like(Q16)), ValueError, "autograd",
+        "buffers-under-autograd"),
+    bad(lambda: KA.attention_backward(Q16, Q16, Q16, Q16, torch.zeros((1, 2, 5), device=DEVICE),
+                                      Q16[:, :, :3], 0.25), ValueError, "d_out must be", "backward-d_out-shape"),
+    bad(lambda: KA.p2p_attention(*P2P, P2P[0], P2P[1], alignment=np.zeros(3, int)), ValueError, "alignment",
+        "p2p-alignment-length"),
+    bad(lambda: KA.p2p_attention(*P2P, P2P[0].float(), P2P[1]), ValueError, "dtype", "p2p-mixed-dtypes"),
+    bad(lambda: KA.p2p_attention(*P2P, P2P[0][:, :, :4], P2P[1]), ValueError, "source shapes",
+        "p2p-source-shapes"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
+
+
+def test_empty_batch_gives_an_empty_result():
     empty = torch.zeros((0, 2, 5, 16), device=DEVICE, dtype=torch.float16)
     assert KA.attention(empty, empty, empty).shape == (0, 2, 5, 16)
+
+
+@pytest.mark.parametrize("layout", ["permuted", "sliced"])
+def test_a_strided_lse_buffer_is_honoured(layout):
+    """An lse buffer of any strides receives the same values as a fresh one (it was once read with unit stride)."""
+    q, k, v = _inputs(2, 3, 77, 40, 32, torch.float16, 1.0, "BHND", 3)
+    _, want = KA.attention(q, k, v, return_lse=True)
+    if layout == "permuted":
+        buf = torch.full((77, 3, 2), float("nan"), device=DEVICE).permute(2, 1, 0)      # (B, H, N) with N outermost
+    else:
+        buf = torch.full((2, 3, 154), float("nan"), device=DEVICE)[:, :, ::2]
+    KA.attention(q, k, v, return_lse=True, lse=buf)
+    torch.testing.assert_close(buf, want, rtol=0, atol=0)
+
+
+def test_lse_carries_no_gradient_and_out_does():
+    q, k, v = (t.detach().float().requires_grad_() for t in _inputs(1, 1, 9, 9, 16, torch.float32, 1.0, "BHND", 4))
+    out, lse = KA.attention(q, k, v, return_lse=True, input_precision="ieee")
+    assert out.requires_grad and not lse.requires_grad
 
 
 def test_int64_offset_probe():
@@ -156,7 +216,7 @@ def test_backward_follows_the_error_rule(NQ, NK, d, dtype, layout, seed):
     q, k, v = _inputs(1, 2, NQ, NK, d, dt, 1.0, layout, seed)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dt).to(DEVICE)
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = KA.attention_autograd(qs, ks, vs, input_precision="ieee" if dtype == "float32" else None)
+    out = KA.attention(qs, ks, vs, input_precision="ieee" if dtype == "float32" else None)
     out.backward(do)
     qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
     naive(qn, kn, vn, 1.0 / math.sqrt(d))[0].backward(do)
@@ -215,11 +275,3 @@ def test_p2p_without_edits_is_plain_attention_and_word_swap_uses_the_source_maps
     torch.testing.assert_close(swap, KA.attention(qs, ks, v, input_precision="ieee"), rtol=1e-6, atol=1e-6)
 
 
-def test_p2p_bad_input():
-    q, k, v = _inputs(1, 1, 8, 7, 16, torch.float16, 1.0, "BHND", 0)
-    with pytest.raises(ValueError, match="alignment"):
-        KA.p2p_attention(q, k, v, q, k, alignment=np.zeros(3, int))
-    with pytest.raises(ValueError, match="dtype"):
-        KA.p2p_attention(q, k, v, q.float(), k)
-    with pytest.raises(ValueError, match="source shapes"):
-        KA.p2p_attention(q, k, v, q[:, :, :4], k)

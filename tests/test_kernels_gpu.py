@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
 
-from kernels.sampler_step import sampler_step  # noqa: E402
+from kernels.fused_step import sampler_step  # noqa: E402
 from refdiff import schedules as S  # noqa: E402
 from refdiff.samplers import DPMSolverPP, EulerAncestral, Grid, apply, step_coeffs  # noqa: E402
 from refdiff.samplers.base import State  # noqa: E402
@@ -70,7 +70,7 @@ CHECK_QUERIES = 256          # float64 reference on a slice of queries against a
 def test_attention_native_rule_at_diffusion_shapes(shape, dtype):
     import math
 
-    from kernels.attention import attention
+    from kernels.flash_attention import attention
 
     B, H, NQ, NK, D = shape
     g = torch.Generator(device="cuda").manual_seed(0)

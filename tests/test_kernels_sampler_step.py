@@ -10,14 +10,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from kernels import driver  # noqa: E402
-from kernels import sampler_step as SS  # noqa: E402
+from kernels import fused_step as SS  # noqa: E402
 from refdiff import rng  # noqa: E402
 from refdiff import schedules as S  # noqa: E402
 from refdiff.convergence import oracle_model  # noqa: E402
 from refdiff.oracles import GaussianMixture  # noqa: E402
 from refdiff.samplers import (DDIM, DDPM, Churn, DPMSolver, DPMSolverPP, Euler, EulerAncestral, Grid, Heun,  # noqa: E402
-                              Level, SDEDPMSolverPP2M, UniPC, apply, step_coeffs)
+                              Level, SDEDPMSolverPP2M, StepCoeffs, UniPC, apply, step_coeffs)
 from refdiff.samplers.base import State  # noqa: E402
+from bad_inputs import bad, refused  # noqa: E402
 from tolerances import kernel_rule_violation  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -198,29 +199,81 @@ def test_expanded_inputs_are_materialised():
     torch.testing.assert_close(out, ref, rtol=2e-7, atol=2e-7)
 
 
-def test_bad_input_is_refused_before_launch(monkeypatch):
-    x = torch.zeros((2, 5), device=DEVICE)
-    c = {"a": 1.0, "b": 1.0, "c_m": 1.0}
-    with pytest.raises(ValueError, match=r"shape \(2, 4\) but x has shape \(2, 5\)"):
-        SS.sampler_step(x, c, m_uncond=torch.zeros((2, 4), device=DEVICE))
-    with pytest.raises(ValueError, match="dtype"):
-        SS.sampler_step(x, c, m_uncond=torch.zeros((2, 5), dtype=torch.float16, device=DEVICE))
-    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-        SS.sampler_step(x.double(), c, m_uncond=x.double())
-    with pytest.raises(ValueError, match="m_uncond"):
-        SS.sampler_step(x, c)
-    with pytest.raises(ValueError, match="d_prev1"):
-        SS.sampler_step(x, {**c, "c1": 0.5}, m_uncond=x)
-    with pytest.raises(ValueError, match="noise"):
-        SS.sampler_step(x, {**c, "d": 0.5}, m_uncond=x)
-    with pytest.raises(ValueError, match="per-row coefficient b has 3 entries"):
-        SS.sampler_step(x, {**c, "b": np.ones(3)}, m_uncond=x)
-    with pytest.raises(ValueError, match="same device"):
-        SS.sampler_step(x, c, m_uncond=torch.zeros((2, 5), device="meta"))
+X = torch.zeros((2, 5), device=DEVICE)
+C = {"a": 1.0, "b": 1.0, "c_m": 1.0}
+
+BAD = [
+    bad(lambda: SS.sampler_step(X, C, m_uncond=torch.zeros((2, 4), device=DEVICE)), ValueError,
+        r"shape \(2, 4\) but x has shape \(2, 5\)", "model-output-shape"),
+    bad(lambda: SS.sampler_step(X, C, m_uncond=X, m_cond=torch.zeros((2, 6), device=DEVICE)), ValueError,
+        r"m_cond has shape \(2, 6\)", "cond-shape"),
+    bad(lambda: SS.sampler_step(X, C, m_uncond=torch.zeros((2, 5), dtype=torch.float16, device=DEVICE)), ValueError,
+        "mixed storage dtypes", "mixed-dtypes"),
+    bad(lambda: SS.sampler_step(X.double(), C, m_uncond=X.double()), ValueError, "float32, float16 or bfloat16",
+        "float64"),
+    bad(lambda: SS.sampler_step(X.int(), C, m_uncond=X.int()), ValueError, "float32, float16 or bfloat16", "int32"),
+    bad(lambda: SS.sampler_step(X, C), ValueError, "m_uncond", "no-model-output"),
+    bad(lambda: SS.sampler_step(X, {**C, "c1": 0.5}, m_uncond=X), ValueError, "d_prev1", "missing-history"),
+    bad(lambda: SS.sampler_step(X, {**C, "d": 0.5}, m_uncond=X), ValueError, "noise", "missing-noise"),
+    bad(lambda: SS.sampler_step(X, {**C, "d": 0.5}, m_uncond=X, noise=X, seed=1), ValueError, "not both",
+        "noise-and-seed"),
+    bad(lambda: SS.sampler_step(X, {**C, "d": 0.5}, m_uncond=X, seed=-1), ValueError, r"\[0, 2\^63\)",
+        "negative-seed"),
+    bad(lambda: SS.sampler_step(X, {**C, "b": np.ones(3)}, m_uncond=X), ValueError,
+        "per-row coefficient b has 3 entries", "per-row-length"),
+    bad(lambda: SS.sampler_step(X, {**C, "b": np.ones((2, 2))}, m_uncond=X), ValueError, "scalar or a", "2-D-coef"),
+    bad(lambda: SS.sampler_step(X, torch.zeros((8, 3)), m_uncond=X), ValueError, r"\(8, 2\)", "coef-tensor-shape"),
+    bad(lambda: SS.sampler_step(X, C, m_uncond=torch.zeros((2, 5), device="meta")), ValueError, "same device",
+        "mixed-devices"),
+    bad(lambda: SS.sampler_step(X, C, m_uncond=X, m_cond=X), ValueError, "guidance scale w is 0", "cond-without-w"),
+    bad(lambda: SS.sampler_step(X, C, m_uncond=X.numpy() if DEVICE == "cpu" else X.cpu().numpy()), ValueError,
+        "must be a torch tensor", "numpy-model-output"),
+    bad(lambda: SS.sampler_step(X, C, m_uncond=X, cfg_rescale=0.7), ValueError, "m_cond", "rescale-without-cond"),
+    bad(lambda: SS.sampler_step(X, {**C, "w": 2.0}, m_uncond=X, m_cond=X, cfg_rescale=1.5), ValueError, "phi",
+        "rescale-phi"),
+    bad(lambda: SS.sampler_step(X, C, m_uncond=X, threshold=(1.5, 1.0)), ValueError, "percentile",
+        "threshold-percentile"),
+    bad(lambda: SS.sampler_step(X, C, m_uncond=X, threshold=(0.9, -1.0)), ValueError, "max_value",
+        "threshold-negative-max"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if DEVICE == "cpu":
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            SS.sampler_step(x, c, m_uncond=x)
+            SS.sampler_step(X, C, m_uncond=X)
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per-row"])
+def test_unused_slots_are_not_read(per_row):
+    """NaN in a history or noise buffer whose coefficient is 0 (an uninitialised buffer in a captured CUDA graph)
+    does not reach the output, as in refdiff.apply; a used slot's NaN still propagates where IEEE puts it."""
+    x = torch.randn((2, 6), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    nan = torch.full_like(x, float("nan"))
+    zero = np.zeros(2) if per_row else 0.0
+    c = {"c_x": 1.0, "c_m": -0.5, "a": 0.3, "b": 0.7, "c1": zero, "c2": zero, "d": zero}
+    out, _ = SS.sampler_step(x, c, m_uncond=x, d_prev1=nan, d_prev2=nan, noise=nan)
+    ref, _ = apply(StepCoeffs(1.0, -0.5, 0.3, 0.7, zero, zero, zero), x.double().cpu().numpy(),
+                   x.double().cpu().numpy(), nan.double().cpu().numpy(), nan.double().cpu().numpy(),
+                   nan.double().cpu().numpy())
+    assert not torch.isnan(out).any() and np.all(np.isfinite(ref))
+    if per_row:                              # row 1 uses D_prev1: its NaN propagates there, and only there
+        c["c1"] = np.array([0.0, 0.5])
+        out, _ = SS.sampler_step(x, c, m_uncond=x, d_prev1=nan, d_prev2=nan, noise=nan)
+        assert not torch.isnan(out[0]).any() and torch.isnan(out[1]).all()
+
+
+def test_x_is_not_read_when_neither_a_nor_c_x_uses_it():
+    m = torch.randn((2, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out, D = SS.sampler_step(torch.full_like(m, float("nan")), {"c_x": 0.0, "c_m": 1.0, "a": 0.0, "b": 0.5},
+                             m_uncond=m)
+    torch.testing.assert_close(out, 0.5 * m) and torch.testing.assert_close(D, m)
 
 
 def test_int64_offset_probe():

@@ -13,7 +13,7 @@ __all__ = ["kernel_cases"]
 
 
 def _sampler_step_cases(torch, device):
-    from kernels.sampler_step import sampler_step
+    from kernels.fused_step import sampler_step
 
     from .. import schedules as S
     from ..samplers import DDIM, DPMSolverPP, EulerAncestral, Grid, apply, step_coeffs
@@ -38,7 +38,7 @@ def _sampler_step_cases(torch, device):
 
 
 def _attention_cases(torch, device):
-    from kernels.attention import attention
+    from kernels.flash_attention import attention
 
     from ..attention import attention as ref_attention
 

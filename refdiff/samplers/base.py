@@ -358,6 +358,8 @@ def apply(coeffs: StepCoeffs, x, m=None, D_prev1=None, D_prev2=None, z=None, m_c
     x = as_f64(x, "x")
 
     def term(c, v, name):
+        """c v, where a zero coefficient (a row's, or the whole slot's) contributes exactly 0 whatever v holds: an
+        unused slot is not read, so NaN / Inf left in an unused buffer cannot leak in as 0 * NaN."""
         if np.all(np.asarray(c) == 0):
             return 0.0
         if v is None:
@@ -365,7 +367,9 @@ def apply(coeffs: StepCoeffs, x, m=None, D_prev1=None, D_prev2=None, z=None, m_c
         v = as_f64(v, name)
         if v.shape != x.shape:
             raise ValueError(f"{name} has shape {v.shape}, x has shape {x.shape}")
-        return broadcast_rows(c, x, name) * v
+        cb = broadcast_rows(c, x, name)
+        with np.errstate(invalid="ignore"):
+            return np.where(cb != 0, cb * v, 0.0)
 
     D = None
     if coeffs.evaluate:
