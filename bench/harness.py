@@ -13,6 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
+from refdiff._io import check_output_dir, write_text
+
 QUANTILES = (0.5, 0.2, 0.8)
 SCHEMA = "refdiff.bench/1"
 
@@ -52,10 +54,9 @@ def env_block() -> dict:
 
 
 def write_results(name: str, doc: dict, markdown: str, out_dir) -> list:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir)
     stem = f"{name}-{doc['env']['device'].replace(' ', '_')}"
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(doc, indent=2, default=float))
-    paths[1].write_text(markdown)
+    write_text(paths[0], json.dumps(doc, indent=2, default=float))
+    write_text(paths[1], markdown)
     return paths

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._io import save_figure
+
 
 def pyplot():
     try:
@@ -22,6 +24,6 @@ def finish(fig, ax, path, xlabel: str, ylabel: str, title: str, legend_size: int
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=legend_size, ncol=ncol)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     pyplot().close(fig)
     return path

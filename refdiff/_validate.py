@@ -22,8 +22,11 @@ __all__ = [
 
 def as_f64(x, name: str, *, ndim: int | None = None, finite: bool = False) -> np.ndarray:
     """Return ``x`` as a float64 array; reject object / complex input and, if asked, non-finite values."""
-    arr = np.asarray(x)
-    if arr.dtype == object or np.iscomplexobj(arr):
+    try:
+        arr = np.asarray(x)
+    except ValueError as exc:                       # ragged nested sequences
+        raise ValueError(f"{name} must be a real numeric array: {exc}") from None
+    if arr.dtype.kind not in "iuf":                  # object, complex, string, bool, datetime ...
         raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
     if ndim is not None and arr.ndim != ndim:

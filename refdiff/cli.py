@@ -17,14 +17,53 @@ import sys
 from pathlib import Path
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_RUN = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130             # 128 + SIGINT, as shells report it
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: an integer in [0, 2^32) (numpy's and torch's seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2^32), got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _outputs(args, folder: bool = True) -> None:
+    """Check --out (a writable folder, created) and --json (a writable file path) before any compute."""
+    from ._io import check_output_dir, check_output_file
+
+    if folder and getattr(args, "out", None) is not None:
+        check_output_dir(args.out)
+    if getattr(args, "json", None):
+        check_output_file(args.json)
+
+
+def _write_json(path, text: str) -> None:
+    from ._io import write_text
+
+    write_text(path, text)
 
 
 def _cmd_env(args) -> int:
     from ._env import env_info
 
+    _outputs(args, folder=False)
     info = env_info()
     if args.json:
-        Path(args.json).write_text(json.dumps(info, indent=2))
+        _write_json(args.json, json.dumps(info, indent=2))
     for key, value in info.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
@@ -35,10 +74,11 @@ def _cmd_env(args) -> int:
 def _cmd_report(args) -> int:
     from .report import run_report, write_report
 
+    _outputs(args)
     report = run_report(seed=args.seed, progress=None if not args.quiet else False)
     paths = write_report(report, args.out)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+        _write_json(args.json, json.dumps(report, indent=2, default=float))
     failed = [c["name"] for c in report["cases"] if c["verdict"] == "fail"]
     print(f"refdiff report: {report['verdict']} ({len(report['cases']) - len(failed)}/{len(report['cases'])} "
           f"cases pass); wrote {', '.join(str(p) for p in paths)}")
@@ -51,10 +91,11 @@ def _cmd_order(args) -> int:
     from ._env import env_info
     from .convergence import order_markdown, order_table, write_order
 
+    _outputs(args)
     cases = order_table(include_sde=not args.ode_only)
     paths = write_order(cases, args.out, env_info())
     if args.json:
-        Path(args.json).write_text(Path(paths[0]).read_text())
+        _write_json(args.json, Path(paths[0]).read_text())
     print(order_markdown(cases))
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return EXIT_FAIL if any(c["verdict"] == "fail" for c in cases) else EXIT_PASS
@@ -63,6 +104,7 @@ def _cmd_order(args) -> int:
 def _cmd_check(args) -> int:
     from .check.runner import UsageError, findings_by_kind, rerun_case, run_check, write_check
 
+    _outputs(args, folder=not args.rerun)
     if args.rerun:
         try:
             case = rerun_case(args.target, args.rerun)
@@ -79,7 +121,8 @@ def _cmd_check(args) -> int:
     bar = progress_bar(0, "refdiff check", False if args.quiet else None)
     try:
         doc = run_check(args.target, quick=args.quick, progress=(lambda case: bar.update(1)) if bar else None,
-                        on_total=(lambda n: bar.reset(total=n)) if bar else None, seed=args.seed)
+                        on_total=(lambda n: bar.reset(total=n)) if bar else None, seed=args.seed,
+                        case_timeout=args.case_timeout)
     except UsageError as exc:
         print(f"refdiff check: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -88,7 +131,7 @@ def _cmd_check(args) -> int:
             bar.close()
     paths = write_check(doc, args.out, args.save_inputs)
     if args.json:
-        Path(args.json).write_text(Path(paths[0]).read_text())
+        _write_json(args.json, Path(paths[0]).read_text())
     cases = doc["cases"]
     failed = [c for c in cases if c["verdict"] == "fail"]
     explained = [c for c in failed if str(c.get("finding", "")).startswith("explained")]
@@ -108,6 +151,7 @@ def _cmd_check(args) -> int:
 def _cmd_bench(args) -> int:
     import importlib.util
 
+    _outputs(args)
     root = Path(__file__).resolve().parents[1]
     scripts = [root / "bench" / "sampler_step.py", root / "bench" / "attention.py"]
     if not all(s.exists() for s in scripts):
@@ -131,13 +175,20 @@ def _cmd_bench(args) -> int:
     return code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: 'refdiff check: error: ... (see refdiff check --help)', exit 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refdiff", description="Numerical ground truth for diffusion models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="refdiff", description="Numerical ground truth for diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("report", help="run every applicable check; write report.md, report.json and plots")
     p.add_argument("--out", default="report", help="output folder (default: ./report)")
     p.add_argument("--json", help="also write the JSON report to this path")
-    p.add_argument("--seed", type=int, default=0, help="seed of the numpy Generator used by Monte-Carlo checks")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the numpy Generator used by Monte-Carlo checks")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_report)
     p = sub.add_parser("order", help="convergence orders of every sampler: table (JSON + markdown) and log-log PNG")
@@ -154,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the inputs of failing (or all) cases as .npz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--rerun", metavar="NPZ", help="run one case saved by --save-inputs again and print its steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of x_T and of the generator noise (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of x_T and of the generator noise (default 0)")
+    p.add_argument("--case-timeout", type=_positive_seconds, default=120.0, metavar="SECONDS",
+                   help="fail a case that runs longer than this (a hung target; default 120)")
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("bench", help="benchmarks against peers on the GPU (exit 3 without one)")
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
@@ -172,7 +225,17 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:       # argparse exits 2 on usage errors and 0 on --help
         return int(exc.code or 0)
-    return args.func(args)
+    from ._io import OutputError
+
+    try:
+        return args.func(args)
+    except OutputError as exc:
+        print(f"refdiff {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"refdiff {args.command}: interrupted; no report was written (files are replaced only when complete)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

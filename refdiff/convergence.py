@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import schedules as S
+from ._io import check_output_dir, write_text
 from ._plot import finish, pyplot
 from .oracles import GaussianMixture
 from .parametrization import from_x0_eps
@@ -178,16 +179,15 @@ def plot_orders(cases, path: Path):
 def write_order(cases, out_dir, env: dict) -> list:
     from . import __version__
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir)
     verdict = "fail" if any(c["verdict"] == "fail" for c in cases) else "pass"
     doc = {"schema": SCHEMA, "refdiff_version": __version__, "env": env, "verdict": verdict, "cases": cases}
     paths = [out / "order.json", out / "order.md"]
-    paths[0].write_text(json.dumps(doc, indent=2))
+    write_text(paths[0], json.dumps(doc, indent=2))
     md = [f"# refdiff order — {verdict.upper()}", "", order_markdown(cases), ""]
     png = plot_orders(cases, out / "order.png")
     if png is not None:
         md += ["![log-log convergence](order.png)", ""]
         paths.append(png)
-    paths[1].write_text("\n".join(md))
+    write_text(paths[1], "\n".join(md))
     return paths

@@ -50,6 +50,22 @@ def q_moments(x0, alpha, sigma) -> Gaussian:
     return Gaussian(a * x0, s * s)
 
 
+LEVEL_LOG_SNR_ATOL = 1e-6     # |log_snr - 2 log(alpha / sigma)|: float32-rounded alpha, sigma move it by < 2.4e-7
+
+
+def _check_level(alpha, sigma, log_snr, name):
+    """A log-SNR given beside (alpha, sigma) must be theirs: it sets the variance factor, so a contradicting one
+    (swapped arguments, another schedule's level) would give a silently wrong posterior."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        implied = 2.0 * (np.log(alpha) - np.log(sigma))
+        same_inf = np.isinf(log_snr) & (implied == log_snr)
+        off = ~same_inf & ~(np.abs(log_snr - implied) <= LEVEL_LOG_SNR_ATOL * np.maximum(1.0, np.abs(implied)))
+    if np.any(off):
+        k = np.unravel_index(int(np.argmax(off)), np.shape(off))
+        raise ValueError(f"log_snr_{name} = {np.broadcast_to(log_snr, np.shape(off))[k]!r} contradicts alpha_{name}, "
+                         f"sigma_{name}, whose log-SNR 2 log(alpha / sigma) is {np.broadcast_to(implied, np.shape(off))[k]!r}")
+
+
 def _ratio_terms(alpha_s, sigma_s, alpha_t, sigma_t, log_snr_s, log_snr_t, like):
     """alpha_{t|s} and the variance factor 1 - e^{lambda_t - lambda_s} = sigma_{t|s}^2 / sigma_t^2.
 
@@ -63,6 +79,8 @@ def _ratio_terms(alpha_s, sigma_s, alpha_t, sigma_t, log_snr_s, log_snr_t, like)
     if (log_snr_s is None) != (log_snr_t is None):
         raise ValueError("give both log_snr_s and log_snr_t, or neither")
     if log_snr_s is not None:
+        _check_level(a_s, s_s, broadcast_rows(log_snr_s, like, "log_snr_s"), "s")
+        _check_level(a_t, s_t, broadcast_rows(log_snr_t, like, "log_snr_t"), "t")
         d = broadcast_rows(log_snr_t, like, "log_snr_t") - broadcast_rows(log_snr_s, like, "log_snr_s")
         if np.any(d > 0):
             raise ValueError("need s < t, i.e. log_snr_t <= log_snr_s")

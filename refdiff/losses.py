@@ -151,6 +151,9 @@ def training_loss(model, x0, t, eps, schedule, prediction: str = "eps", weightin
     eps = as_f64(eps, "eps")
     if x0.shape != eps.shape or x0.ndim < 1:
         raise ValueError(f"x0 and eps must have the same shape (B, ...), got {x0.shape} and {eps.shape}")
+    if x0.ndim > 1 and int(np.prod(x0.shape[1:])) == 0:
+        raise ValueError(f"each example needs at least one element (a mean over none is undefined), got x0 of "
+                         f"shape {x0.shape}")
     t = np.asarray(t)
     if t.shape != (x0.shape[0],):
         raise ValueError(f"t must have shape ({x0.shape[0]},) to match x0 of shape {x0.shape}, got {t.shape}")
@@ -164,7 +167,7 @@ def training_loss(model, x0, t, eps, schedule, prediction: str = "eps", weightin
     if pred.shape != x0.shape:
         raise ValueError(f"model output shape {pred.shape} does not match x0 shape {x0.shape}")
     w = np.broadcast_to(loss_weight(weighting, prediction, a, s, dlog_snr_dt=dl, **weight_kw), a.shape)
-    err = ((pred - target) ** 2).reshape(x0.shape[0], -1)
+    err = ((pred - target) ** 2).reshape(x0.shape[0], int(np.prod(x0.shape[1:])))
     per = err.mean(axis=1) if reduction == "mean" else err.sum(axis=1)
     loss = w * per
     bad = np.flatnonzero(~np.isfinite(loss))

@@ -18,6 +18,7 @@ import numpy as np
 from . import schedules as S
 from . import selfcheck as C
 from ._env import env_info
+from ._io import check_output_dir, write_text
 from ._plot import finish, pyplot
 from ._progress import progress_bar
 from .oracles import FiniteAtoms, GaussianData, GaussianMixture
@@ -273,10 +274,9 @@ def _cell(text: str) -> str:
 
 def write_report(report: dict, out_dir) -> list[Path]:
     """Write report.json, report.md and (with matplotlib) schedules.png into out_dir; returns the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir)
     paths = [out / "report.json", out / "report.md"]
-    paths[0].write_text(json.dumps(report, indent=2, default=float))
+    write_text(paths[0], json.dumps(report, indent=2, default=float))
     n_pass = sum(c["verdict"] == "pass" for c in report["cases"])
     lines = [f"# refdiff report — {report['verdict'].upper()}", "",
              f"refdiff {report['refdiff_version']}, Python {report['env']['python']}, numpy "
@@ -309,7 +309,7 @@ def write_report(report: dict, out_dir) -> list[Path]:
         if conf_png is not None:
             lines += ["![per-step ratio to the rounding rule, diffusers against refdiff](conformance.png)", ""]
             paths.append(conf_png)
-    paths[1].write_text("\n".join(lines))
+    write_text(paths[1], "\n".join(lines))
     return paths
 
 

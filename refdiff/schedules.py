@@ -105,6 +105,8 @@ def cosine_betas(T: int, s: float = COSINE_S, max_beta: float = COSINE_MAX_BETA)
         raise ValueError(f"max_beta must lie in (0, 1], got {max_beta}")
     if not s >= 0.0:
         raise ValueError(f"s must be >= 0, got {s}")
+    if not np.isfinite(s):
+        raise ValueError(f"s = {s!r} makes the schedule degenerate (alpha_bar = 0 everywhere); iDDPM uses 0.008")
     i = np.arange(T, dtype=np.float64)
     scale = np.pi / (2.0 * (1.0 + s))
     d_a = (T - i) / T * scale                  # pi/2 - phi(i/T)
@@ -113,7 +115,11 @@ def cosine_betas(T: int, s: float = COSINE_S, max_beta: float = COSINE_MAX_BETA)
     width = scale / T                          # b - a
     # sin(a + b) = sin(d_a + d_b): take whichever argument is below pi/2, where sin is well conditioned
     sin_sum = np.where(a_plus_b <= HALF_PI, np.sin(a_plus_b), np.sin(d_a + d_b))
-    betas = np.sin(width) * sin_sum / np.sin(d_a) ** 2
+    denom = np.sin(d_a) ** 2
+    if np.any(denom == 0):
+        raise ValueError(f"s = {s!r} makes the schedule degenerate: alpha_bar(t) = cos^2(pi/2 (t + s) / (1 + s)) "
+                         "underflows to 0 (s must be finite and small; iDDPM uses 0.008)")
+    betas = np.sin(width) * sin_sum / denom
     return np.minimum(betas, max_beta)
 
 
@@ -124,6 +130,8 @@ def betas_from_alpha_bar(T: int, alpha_bar, max_beta: float = COSINE_MAX_BETA) -
     log-SNR as -expm1(log abar_{i+1} - log abar_i), free of the cancellation of the direct ratio).
     """
     T = positive_int(T, "T")
+    if not (0.0 < max_beta <= 1.0):
+        raise ValueError(f"max_beta must lie in (0, 1], got {max_beta}")
     t = np.arange(T + 1, dtype=np.float64) / T
     if isinstance(alpha_bar, ContinuousSchedule):
         if not alpha_bar.variance_preserving:
@@ -137,6 +145,11 @@ def betas_from_alpha_bar(T: int, alpha_bar, max_beta: float = COSINE_MAX_BETA) -
         ab = as_f64(alpha_bar(t), "alpha_bar(t)")
         if ab.shape != t.shape:
             raise ValueError(f"alpha_bar must be vectorised: expected shape {t.shape}, got {ab.shape}")
+        bad = np.flatnonzero(~((ab[1:] < ab[:-1]) & (ab[:-1] > 0) & (ab[:-1] <= 1) & (ab[1:] >= 0)))
+        if bad.size:
+            k = int(bad[0])
+            raise ValueError(f"alpha_bar must decrease strictly within [0, 1] (betas in (0, 1]): alpha_bar({k}/{T}) "
+                             f"= {ab[k]!r}, alpha_bar({k + 1}/{T}) = {ab[k + 1]!r}")
         betas = 1.0 - ab[1:] / ab[:-1]
     return np.minimum(betas, max_beta)
 
@@ -247,6 +260,19 @@ class DiscreteSchedule:
         with np.errstate(invalid="ignore"):
             out = L - log1mexp(L)
         return np.where(np.isneginf(L), -np.inf, out)[()]
+
+    def fractional_index(self, log_snr):
+        """The continuous timestep of a level between table entries: the index interpolated linearly in log-SNR
+        between the two entries around it (k-diffusion's ``DiscreteSchedule.sigma_to_t``, linear in log sigma).
+        Exact at the entries; log-SNR outside the table's range -> ValueError."""
+        lam = as_f64(log_snr, "log_snr")
+        table = self.log_snr(np.arange(self.T))                  # decreasing in the index
+        finite = np.isfinite(table)
+        lo, hi = table[finite][-1], table[finite][0]
+        if np.any(np.isnan(lam)) or np.any((lam < lo) | (lam > hi)):
+            raise ValueError(f"log_snr must lie within the table's range [{lo:.6g}, {hi:.6g}] to name a timestep")
+        idx = np.arange(self.T)[finite]
+        return np.interp(-lam, -table[finite], idx.astype(np.float64))[()]
 
     @property
     def zero_terminal_snr(self) -> bool:

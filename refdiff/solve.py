@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from ._progress import progress_bar
-from ._validate import as_f64
+from ._validate import as_f64, broadcast_rows, positive_int
 from .parametrization import to_x0_eps
 from .samplers.base import Grid, Level, NumericContext, Sampler, State, apply, step_coeffs
 
@@ -50,7 +50,13 @@ def noise_source(noise, shape) -> Callable:
     if isinstance(noise, np.random.Generator):
         return lambda: noise.standard_normal(shape)
     if callable(noise):
-        return lambda: as_f64(noise(), "noise")
+        def call():
+            z = as_f64(noise(), "noise")
+            if z.shape != tuple(shape):
+                raise ValueError(f"the noise callable returned shape {z.shape}; each draw must have x's shape "
+                                 f"{tuple(shape)} (a smaller draw would broadcast over the batch)")
+            return z
+        return call
     arr = as_f64(noise, "noise")
     if arr.shape[1:] != tuple(shape):
         raise ValueError(f"noise draws must have shape (n, *{tuple(shape)}), got {arr.shape}")
@@ -81,17 +87,42 @@ def _flat(level: Level) -> Level:
 
 
 def _model_fn(model, prediction, guidance):
+    """The model as the loop calls it: outputs converted to float64 arrays and shape-checked against x (an output
+    of another shape would broadcast silently); NaN / Inf pass through as IEEE values."""
+    def output(o, x, what):
+        o = as_f64(o, what)
+        if o.shape != x.shape:
+            raise ValueError(f"the {what} has shape {o.shape}, x has shape {x.shape}")
+        return o
+
     def call(x, level):
         out = model(x, _flat(level))
         if guidance is not None:
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise ValueError("with guidance the model must return (uncond, cond) outputs")
-            mu, mc = (as_f64(o, "model output") for o in out)
-            if mu.shape != mc.shape:
-                raise ValueError(f"uncond and cond outputs differ in shape: {mu.shape} vs {mc.shape}")
-            return mu + np.reshape(guidance, np.shape(guidance) + (1,) * (mu.ndim - np.ndim(guidance))) * (mc - mu)
-        return as_f64(out, "model output")
+            mu, mc = output(out[0], x, "unconditional model output"), output(out[1], x, "conditional model output")
+            return mu + broadcast_rows(guidance, mu, "guidance") * (mc - mu)
+        return output(out, x, "model output")
     return call
+
+
+def _check_state(state: State, grid: Grid, x: np.ndarray, steps) -> int:
+    """The step to stop before; a resumed state must point inside the grid and carry history of x's shape."""
+    if not isinstance(state, State):
+        raise ValueError(f"state must be a refdiff.samplers.State, got {type(state).__name__}")
+    if isinstance(state.step, bool) or not isinstance(state.step, (int, np.integer)) or not \
+            0 <= state.step < len(grid):
+        raise ValueError(f"state.step must be an integer in [0, {len(grid) - 1}] (the step to run next on this "
+                         f"{len(grid)}-step grid), got {state.step!r}" +
+                         ("; the run it came from is finished" if state.step == len(grid) else ""))
+    for j, h in enumerate(state.history):
+        if np.shape(h) != x.shape:
+            raise ValueError(f"state.history[{j}] has shape {np.shape(h)}, x has shape {x.shape}: a history of "
+                             "another batch would broadcast")
+    if steps is None:
+        return len(grid)
+    steps = positive_int(steps, "steps")
+    return min(len(grid), state.step + steps)
 
 
 def sample(sampler: Sampler, model: Callable, grid: Grid, x_T, noise=None, prediction: str = "eps",
@@ -112,15 +143,22 @@ def sample(sampler: Sampler, model: Callable, grid: Grid, x_T, noise=None, predi
     x = as_f64(x_T, "x_T")
     if x.ndim < 1:
         raise ValueError("x_T must have a batch axis")
+    if not isinstance(sampler, Sampler):
+        raise ValueError(f"sampler must be a refdiff Sampler, got {type(sampler).__name__}")
+    if not isinstance(grid, Grid):
+        raise ValueError(f"grid must be a refdiff Grid (Grid.from_times / from_discrete / from_sigmas), got "
+                         f"{type(grid).__name__}")
+    if not callable(model):
+        raise ValueError(f"model must be callable as model(x, level), got {type(model).__name__}")
+    state = State() if state is None else state
+    stop = _check_state(state, grid, x, steps)
     call = _model_fn(model, prediction, guidance)
     draw = noise_source(noise, x.shape)
-    state = State() if state is None else state
     traj = [x] if return_trajectory else None
     record = []
     bar = _progress(len(grid), progress)
     # the paper form reads levels directly: per-row values shaped (B, 1, ...) so they broadcast against x
     shaped = Grid([_shape(lv, x) for lv in grid.levels], grid.schedule, grid.inversion) if mode == "paper" else grid
-    stop = len(grid) if steps is None else min(len(grid), state.step + int(steps))
     for i in range(state.step, stop):
         cur, nxt = grid.levels[i], grid.levels[i + 1]
         order = sampler.step_order(state, grid)

@@ -21,7 +21,7 @@ from scipy import integrate
 from scipy.special import log_ndtr
 
 from ._math import exp_remainder, log1mexp
-from ._validate import as_f64
+from ._validate import as_f64, broadcast_rows, positive_int
 from .forward import posterior
 from .oracles import GaussianData
 from .parametrization import to_x0_eps
@@ -36,6 +36,7 @@ __all__ = [
 LOG_2PI = float(np.log(2.0 * np.pi))
 LN2 = float(np.log(2.0))
 HALF_BIN = 1.0 / 255.0           # 8-bit data in [-1, 1]: bins of width 2/255 around each level
+GRID_ATOL = 1e-3                 # off-grid tolerance in units of half_bin; uint8 / 127.5 - 1 in float32 is ~1e-5 h
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
@@ -52,7 +53,19 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     """
     m1, l1, m2, l2 = (as_f64(v, n) for v, n in ((mean1, "mean1"), (logvar1, "logvar1"), (mean2, "mean2"),
                                                   (logvar2, "logvar2")))
-    return 0.5 * (_expm1_minus_x(l1 - l2) + (m1 - m2) ** 2 * np.exp(-l2))
+    try:
+        np.broadcast_shapes(m1.shape, l1.shape, m2.shape, l2.shape)
+    except ValueError:
+        raise ValueError(f"mean1 {m1.shape}, logvar1 {l1.shape}, mean2 {m2.shape}, logvar2 {l2.shape} do not "
+                         "broadcast to one shape") from None
+    with np.errstate(invalid="ignore", over="ignore"):
+        kl = 0.5 * (_expm1_minus_x(l1 - l2) + (m1 - m2) ** 2 * np.exp(-l2))
+        # a point mass N(m2, 0) (logvar2 = -inf): KL = +inf against any other law, 0 against the same point mass
+        # (the formula gives 0 * inf = NaN when the means agree)
+        same_point = np.isneginf(l1) & (m1 == m2)
+        point2 = np.isneginf(l2) & ~np.isnan(l1) & ~np.isnan(m1) & ~np.isnan(m2)
+        kl = np.where(point2, np.where(same_point, 0.0, np.inf), kl)
+    return kl[()] if np.ndim(kl) == 0 else kl
 
 
 def gaussian_log_likelihood(x, mean, log_scale):
@@ -77,13 +90,22 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale, half_bin: float = HA
     """log P(x) for a Gaussian discretized to bins [x - h, x + h], the edge bins open (Ho et al. 2020, Eq. 13).
 
     Uses the exact normal CDF (scipy log_ndtr); iDDPM's tanh approximation of Phi is off by up to 1.8e-4 in the
-    CDF and far more in relative terms in the tail bins. x must lie on the grid; edge bins are x <= lower + h/2
-    and x >= upper - h/2.
+    CDF and far more in relative terms in the tail bins. x must lie on the grid of levels lower + k 2h (k = 0 ..
+    (upper - lower) / 2h; 8-bit data scaled to [-1, 1] by default), within GRID_ATOL h (float32-scaled data is
+    far inside): an off-grid x would be scored with a bin that does not hold it. Edge bins are open.
     """
     x, m, ls = as_f64(x, "x"), as_f64(mean, "mean"), as_f64(log_scale, "log_scale")
     x, m, ls = np.broadcast_arrays(x, m, ls)
-    if np.any((x < lower - half_bin) | (x > upper + half_bin)):
+    if not (half_bin > 0 and upper > lower):
+        raise ValueError(f"need half_bin > 0 and upper > lower, got half_bin {half_bin}, [{lower}, {upper}]")
+    if np.any(~((x >= lower - half_bin) & (x <= upper + half_bin))):
         raise ValueError(f"x must lie in [{lower}, {upper}] for the discretized likelihood")
+    k = np.rint((x - lower) / (2.0 * half_bin))
+    off = np.abs(x - (lower + k * 2.0 * half_bin)) > GRID_ATOL * half_bin
+    if np.any(off):
+        bad_x = x[off].flat[0]
+        raise ValueError(f"x must lie on the grid lower + k * 2 half_bin (levels {2 * half_bin:.6g} apart from "
+                         f"{lower}); x = {bad_x!r} lies between levels (quantize the data first)")
     inv = np.exp(-ls)
     a = (x - half_bin - m) * inv
     b = (x + half_bin - m) * inv
@@ -102,8 +124,9 @@ def bits_per_dim(nats, dims: int, n_levels: int = 256, data_range: float = 2.0):
     uniform dequantization, -log2 P(discrete) <= -log2 p(x) - D log2(data_range / n_levels): the offset is
     log2(n_levels / data_range) per dimension (7 bits for 8-bit images in [-1, 1]; Song et al. 2021, App. F.2).
     """
-    if dims < 1:
-        raise ValueError(f"dims must be >= 1, got {dims}")
+    dims = positive_int(dims, "dims")
+    if not (n_levels > 0 and data_range > 0):
+        raise ValueError(f"n_levels and data_range must be > 0, got {n_levels} and {data_range}")
     return as_f64(nats, "nats") / (dims * LN2) + np.log2(n_levels / data_range)
 
 
@@ -272,14 +295,33 @@ def _check_vdm(schedule):
         raise ValueError(f"the VDM bound needs finite log-SNR at t = 0 and t = 1, got {schedule!r}")
 
 
+def _vdm_inputs(x0, eps, t):
+    """x0, eps (B, ...) of one shape and per-example levels t (B,); an empty batch is allowed (empty result)."""
+    x0, eps = as_f64(x0, "x0"), as_f64(eps, "eps")
+    if x0.ndim < 2 or x0.shape != eps.shape:
+        raise ValueError(f"x0 and eps must have one shape (B, ...) with a data axis, got {x0.shape} and {eps.shape}")
+    if np.shape(t) != (x0.shape[0],):
+        raise ValueError(f"t / i must have shape ({x0.shape[0]},) to match x0 of shape {x0.shape}, got {np.shape(t)}")
+    return x0, eps
+
+
+def _eps_hat(eps_hat, z, t):
+    out = as_f64(eps_hat(z, t), "eps_hat")
+    if out.shape != z.shape:
+        raise ValueError(f"eps_hat returned shape {out.shape} for z of shape {z.shape}")
+    return out
+
+
 def vdm_diffusion_term(schedule: ContinuousSchedule, x0, t, eps, eps_hat):
     """Continuous-time diffusion loss estimator -1/2 lambda'(t) ||eps - eps_hat(z_t, t)||^2 (B,), t ~ U(0, 1) given."""
     _check_vdm(schedule)
-    x0, eps = as_f64(x0, "x0"), as_f64(eps, "eps")
     t = as_f64(t, "t")
-    a, s = schedule.alpha(t)[:, None], schedule.sigma(t)[:, None]
+    x0, eps = _vdm_inputs(x0, eps, t)
+    if x0.shape[0] == 0:
+        return np.zeros(0)
+    a, s = broadcast_rows(schedule.alpha(t), x0, "alpha"), broadcast_rows(schedule.sigma(t), x0, "sigma")
     z = a * x0 + s * eps
-    return -0.5 * schedule.d_log_snr_dt(t) * _sum_dims((eps - as_f64(eps_hat(z, t), "eps_hat")) ** 2)
+    return -0.5 * schedule.d_log_snr_dt(t) * _sum_dims((eps - _eps_hat(eps_hat, z, t)) ** 2)
 
 
 def vdm_discrete_diffusion_term(schedule: ContinuousSchedule, x0, i, T: int, eps, eps_hat):
@@ -288,15 +330,18 @@ def vdm_discrete_diffusion_term(schedule: ContinuousSchedule, x0, i, T: int, eps
     Kingma et al. (2021), Eq. 15: (SNR(s) - SNR(t)) ||x - x_hat||^2 = expm1(lambda_s - lambda_t) ||eps - eps_hat||^2.
     """
     _check_vdm(schedule)
+    T = positive_int(T, "T")
     i = np.asarray(i)
-    if not np.issubdtype(i.dtype, np.integer) or i.min() < 1 or i.max() > T:
+    if not np.issubdtype(i.dtype, np.integer) or (i.size and (i.min() < 1 or i.max() > T)):
         raise ValueError(f"i must be integers in [1, {T}]")
-    x0, eps = as_f64(x0, "x0"), as_f64(eps, "eps")
+    x0, eps = _vdm_inputs(x0, eps, i)
+    if x0.shape[0] == 0:
+        return np.zeros(0)
     t, s_ = i / T, (i - 1) / T
-    a, s = schedule.alpha(t)[:, None], schedule.sigma(t)[:, None]
+    a, s = broadcast_rows(schedule.alpha(t), x0, "alpha"), broadcast_rows(schedule.sigma(t), x0, "sigma")
     z = a * x0 + s * eps
     w = 0.5 * T * np.expm1(schedule.log_snr(s_) - schedule.log_snr(t))
-    return w * _sum_dims((eps - as_f64(eps_hat(z, t), "eps_hat")) ** 2)
+    return w * _sum_dims((eps - _eps_hat(eps_hat, z, t)) ** 2)
 
 
 def vdm_prior_term(schedule: ContinuousSchedule, x0):
@@ -323,7 +368,9 @@ def gaussian_vdm_elbo(schedule: ContinuousSchedule, data: GaussianData, x0, T: i
     Reconstruction = D/2 (log(2 pi sigma_0^2 / alpha_0^2) + 1).
     """
     _check_vdm(schedule)
-    x0 = as_f64(x0, "x0")
+    x0 = as_f64(x0, "x0", ndim=2)
+    if T is not None:
+        T = positive_int(T, "T")
     D = x0.shape[1]
     lam0, lam1 = schedule.log_snr(0.0), schedule.log_snr(1.0)
     if T is None:

@@ -67,3 +67,47 @@ class NoSampler:
 
     def step(self, *args, **kwargs):
         pass
+
+
+class WrongShape(PaperDDIM):
+    """Returns the first row only: (1, D) for a (B, D) sample, which broadcasting would hide."""
+
+    def step(self, model_output, t, sample, generator=None):
+        return super().step(model_output, t, sample, generator)[:1]
+
+
+def wrong_shape(config):
+    return WrongShape(config)
+
+
+class Sleeper(PaperDDIM):
+    """Hangs (sleeps for an hour) on half-precision samples, works otherwise."""
+
+    def step(self, model_output, t, sample, generator=None):
+        if sample.dtype != torch.float32:
+            import time
+
+            try:
+                time.sleep(3600)
+            except Exception:            # a target swallowing exceptions must still be stopped
+                pass
+        return super().step(model_output, t, sample, generator)
+
+
+def sleeper(config):
+    return Sleeper(config)
+
+
+class Exiter(PaperDDIM):
+    """Calls sys.exit(0) on half-precision samples."""
+
+    def step(self, model_output, t, sample, generator=None):
+        if sample.dtype != torch.float32:
+            import sys
+
+            sys.exit(0)
+        return super().step(model_output, t, sample, generator)
+
+
+def exiter(config):
+    return Exiter(config)

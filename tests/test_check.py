@@ -241,3 +241,66 @@ def test_kernels_target(tmp_path):
     assert any(n.startswith("sampler_step") for n in names) and any(n.startswith("attention") for n in names)
     assert all(c["verdict"] == "pass" and c["ratio_to_rule"] <= 1.0 for c in doc["cases"])
     assert "| case | ratio to the rule | verdict |" in (tmp_path / "check.md").read_text()
+
+
+# -- targets that misbehave: each fails its own cases, named, and the run goes on ------------------------------
+
+def test_a_wrong_shape_target_fails_instead_of_broadcasting():
+    doc = run_check("protocol_scheduler:wrong_shape", quick=True)
+    assert doc["cases"] and all(c["verdict"] == "fail" and "returned shape (1, 4)" in c["finding"]
+                                for c in doc["cases"])
+
+
+def test_a_hanging_target_times_out_and_the_run_goes_on():
+    doc = run_check("protocol_scheduler:sleeper", quick=True, case_timeout=1.0)
+    half = [c for c in doc["cases"] if c["dtype"] != "float32"]
+    assert half and all(c["verdict"] == "fail" and "timed out" in c["finding"] for c in half)
+    assert all(c["verdict"] == "pass" for c in doc["cases"] if c["dtype"] == "float32")
+
+
+def test_a_target_calling_sys_exit_fails_its_case(tmp_path):
+    assert cli.main(["check", "protocol_scheduler:exiter", "--quick", "--quiet", "--out", str(tmp_path)]) == \
+        cli.EXIT_FAIL
+    doc = json.loads((tmp_path / "check.json").read_text())
+    half = [c for c in doc["cases"] if c["dtype"] != "float32"]
+    assert half and all("sys.exit(0)" in c["finding"] for c in half)
+
+
+def test_a_target_failing_at_import_is_a_usage_error(capsys):
+    assert cli.main(["check", "raising_target:ddim"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "RuntimeError: this module cannot be imported" in err
+
+
+def test_rerun_refuses_a_pickled_case_file_without_running_it(tmp_path, capsys):
+    """--rerun loads with allow_pickle=False: an object array whose unpickling would run code is refused."""
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "case.npz"
+    np.savez(path, x_T=np.zeros((2, 4)), config=np.array([Payload()], dtype=object), scheduler="DDIMScheduler",
+             seed=0)
+    assert cli.main(["check", "diffusers", "--rerun", str(path)]) == cli.EXIT_USAGE
+    assert not marker.exists()
+    assert "not a case file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip file", b"PK\x03\x04 truncated"], ids=["empty", "text", "zip"])
+def test_rerun_of_a_malformed_file_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "case.npz"
+    path.write_bytes(content)
+    assert cli.main(["check", "diffusers", "--rerun", str(path)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--rerun" in err
+
+
+def test_stale_case_files_of_an_earlier_run_are_removed(tmp_path):
+    (tmp_path / "case_999_Old.npz").write_bytes(b"stale")
+    assert cli.main(["check", "protocol_scheduler:ddim_off_by_one", "--quick", "--quiet", "--out", str(tmp_path),
+                     "--save-inputs", "incorrect"]) == cli.EXIT_FAIL
+    files = sorted(p.name for p in tmp_path.glob("case_*.npz"))
+    assert files and "case_999_Old.npz" not in files
+    assert not list(tmp_path.glob(".*tmp"))

@@ -36,11 +36,6 @@ def test_report_writes_files_with_schema_and_verdicts(tmp_path):
     assert json.loads((tmp_path / "copy.json").read_text())["cases"] == report["cases"]
 
 
-def test_usage_error_exit_code():
-    assert cli.main(["no-such-command"]) == cli.EXIT_USAGE
-    assert cli.main([]) == cli.EXIT_USAGE
-
-
 def test_console_entry_point_runs():
     res = subprocess.run([sys.executable, "-m", "refdiff.cli", "env"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "numpy" in res.stdout
@@ -54,9 +49,79 @@ def test_reference_imports_without_torch():
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.parametrize("argv", [["report", "--seed", "x"], ["env", "--bogus"]])
-def test_bad_arguments(argv):
+FILE = "{tmp}/a_file"            # a regular file, created by the test
+
+BAD_ARGS = [
+    pytest.param(["report", "--seed", "x"], "must be an integer", id="seed-not-int"),
+    pytest.param(["report", "--seed", "-1"], "[0, 2^32)", id="report-negative-seed"),
+    pytest.param(["check", "kernels", "--seed", "-1"], "[0, 2^32)", id="check-negative-seed"),
+    pytest.param(["check", "kernels", "--seed", str(2 ** 32)], "[0, 2^32)", id="check-huge-seed"),
+    pytest.param(["check", "kernels", "--case-timeout", "0"], "must be > 0", id="zero-timeout"),
+    pytest.param(["env", "--bogus"], "unrecognized arguments", id="unknown-flag"),
+    pytest.param(["no-such-command"], "invalid choice", id="unknown-command"),
+    pytest.param([], "required", id="no-command"),
+    pytest.param(["report", "--out", FILE], "is a file", id="report-out-is-a-file"),
+    pytest.param(["report", "--out", FILE + "/sub"], "cannot create output folder", id="report-out-under-a-file"),
+    pytest.param(["order", "--out", FILE], "is a file", id="order-out-is-a-file"),
+    pytest.param(["check", "kernels", "--out", FILE], "is a file", id="check-out-is-a-file"),
+    pytest.param(["check", "kernels", "--json", "{tmp}/missing/x.json"], "does not exist", id="json-folder-missing"),
+    pytest.param(["check", "kernels", "--json", "{tmp}"], "is a folder", id="json-is-a-folder"),
+    pytest.param(["env", "--json", "{tmp}/missing/env.json"], "does not exist", id="env-json-folder-missing"),
+    pytest.param(["bench", "--out", FILE], "is a file", id="bench-out-is-a-file"),
+    pytest.param(["check", "diffusers", "--rerun", "{tmp}/no_such.npz"], "no such file", id="rerun-missing"),
+    pytest.param(["check", "no_such_module:x"], "cannot import", id="check-unknown-module"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGS)
+def test_usage_errors_exit_2_with_one_line_before_any_compute(argv, message, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]          # nothing written
+
+
+def test_an_interrupted_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    """Reports are written to a temporary file and renamed: SIGINT (KeyboardInterrupt) mid-write keeps the old one."""
+    from refdiff import _io
+
+    target = tmp_path / "report.md"
+    target.write_text("previous report")
+
+    def interrupted(self, text):
+        self.open("w").write(text[:10])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(type(target), "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _io.write_text(target, "a new report, long enough to be cut")
+    monkeypatch.undo()
+    assert target.read_text() == "previous report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
+def test_sigint_mid_run_exits_130_and_writes_no_report(tmp_path):
+    """A check interrupted while a target runs: exit 130, one line, nothing half-written in --out."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    tests_dir = os.path.dirname(__file__)
+    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "refdiff.cli", "check", "protocol_scheduler:sleeper", "--quick",
+                             "--quiet", "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tests_dir)
+    deadline = time.time() + 120
+    while not out.exists() and time.time() < deadline:          # --out is created before the cases run
+        time.sleep(0.2)
+    time.sleep(3.0)                                               # inside the run (the sleeper's half-precision case)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == cli.EXIT_INTERRUPTED
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []
 
 
 def test_order_writes_table_and_plot(tmp_path):

@@ -13,11 +13,13 @@ from refdiff.oracles import GaussianData
 from refdiff.parametrization import PREDICTIONS, to_x0_eps
 from refdiff.samplers import (DDIM, DDPM, DEIS, DPM2, LMS, RK4, Churn, DPMSolver, DPMSolverPP, DPMSolverPPSDE,
                               DPMSolverPPSinglestep, Euler, EulerAncestral, Grid, Heun, Level, PredictorCorrector,
-                              ReverseEulerMaruyama, SDEDPMSolverPP2M, UniPC, model_coeffs, pf_ode_solve, step_coeffs)
+                              ReverseEulerMaruyama, SDEDPMSolverPP2M, StepCoeffs, UniPC, apply, model_coeffs,
+                              pf_ode_solve, step_coeffs)
 from refdiff.samplers.base import State
 from refdiff.samplers.exact_law import gaussian_marginal, gaussian_output_law
 from refdiff.solve import sample
 from strategies import vp_levels
+from bad_inputs import bad, refused
 from tolerances import z_bound
 
 ORDER_TOL = CV.ORDER_TOL      # |fitted slope - declared order| for ODE samplers and exact laws (issue acceptance)
@@ -233,17 +235,6 @@ def test_one_step_works(sampler):
     assert np.all(np.isfinite(res.x)) and len(res.record) == 1
 
 
-def test_zero_steps_and_bad_grids_raise():
-    with pytest.raises(ValueError, match="at least 2 levels"):
-        Grid.from_times(SCHED, [0.5])
-    with pytest.raises(ValueError, match="duplicate"):
-        Grid.from_times(SCHED, [0.5, 0.5, 0.1])
-    with pytest.raises(ValueError, match="decreasing"):
-        Grid.from_times(SCHED, [0.1, 0.5])
-    with pytest.raises(ValueError, match="integers"):
-        Grid.from_discrete(S.DiscreteSchedule(S.linear_betas(10)), np.array([5.0, 2.0]))
-
-
 def test_nan_in_model_output_propagates_and_is_recorded():
     def model(x, level):
         out = oracle_model(GMM)(x, level)
@@ -262,20 +253,127 @@ def test_nan_in_model_output_propagates_and_is_recorded():
         sample(DPMSolverPP(2), model, grid, np.ones((3, 2)), strict=True)
 
 
-def test_bad_input():
-    grid = _grid(3)
-    with pytest.raises(ValueError, match="stochastic"):
-        sample(DDPM(), oracle_model(GMM), grid, np.zeros((2, 2)))
-    with pytest.raises(ValueError, match="mode"):
-        sample(DDIM(), oracle_model(GMM), grid, np.zeros((2, 2)), mode="kernel")
-    with pytest.raises(ValueError, match="noise draws must have shape"):
-        sample(DDPM(), oracle_model(GMM), grid, np.zeros((2, 2)), noise=np.zeros((3, 2, 3)))
-    with pytest.raises(ValueError, match="eta"):
-        DDIM(1.5)
-    with pytest.raises(ValueError, match="SNR = 0"):
-        model_coeffs("eps", 0.0, 1.0)
-    with pytest.raises(ValueError, match="order"):
-        DPMSolverPP(4)
+MODEL = oracle_model(GMM)
+X4 = np.zeros((4, 2))
+TABLE = S.DiscreteSchedule(S.linear_betas(10))
+VP_NO_SCHEDULE = Grid([Level(i, 1 / np.hypot(1, s), s / np.hypot(1, s), -2 * np.log(s))
+                       for i, s in ((9, 3.0), (5, 1.0), (1, 0.3))])
+
+
+def _run(sampler=None, model=MODEL, grid=None, x=X4, **kw):
+    return sample(sampler or DDIM(), model, grid or _grid(3), x, **kw)
+
+
+BAD = [
+    # grids
+    bad(lambda: Grid.from_times(SCHED, [0.5]), ValueError, "at least 2 levels", "one-level-grid"),
+    bad(lambda: Grid.from_times(SCHED, [0.5, 0.5, 0.1]), ValueError, "duplicate", "duplicate-times"),
+    bad(lambda: Grid.from_times(SCHED, [0.1, 0.5]), ValueError, "decreasing", "increasing-times"),
+    bad(lambda: Grid.from_times(SCHED, [1.5, 0.1]), ValueError, r"t must lie in \[0.0, 1.0\]", "time-outside"),
+    bad(lambda: Grid.from_times(SCHED, [0.9, np.nan]), ValueError, "NaN", "nan-time"),
+    bad(lambda: Grid.from_sigmas([1.0, -0.1]), ValueError, "non-negative", "negative-sigma"),
+    bad(lambda: Grid.from_sigmas([1.0, 2.0]), ValueError, "decreasing", "increasing-sigmas"),
+    bad(lambda: Grid.from_discrete(TABLE, np.array([5.0, 2.0])), ValueError, "integers", "float-timesteps"),
+    bad(lambda: Grid.from_discrete(TABLE, [12, 2]), ValueError, r"\[0, 9\]", "timestep-past-table"),
+    bad(lambda: Grid.from_discrete(TABLE, [5, 2], final="zero"), ValueError, "'data', 'first' or 'none'",
+        "unknown-final"),
+    bad(lambda: Grid.from_discrete(TABLE, [5, 5, 2]), ValueError, "duplicate", "duplicate-timesteps"),
+    # the loop's arguments
+    bad(lambda: _run(steps=0), ValueError, "steps must be >= 1", "steps-0"),
+    bad(lambda: _run(steps=-1), ValueError, "steps must be >= 1", "steps-negative"),
+    bad(lambda: _run(steps=2.0), ValueError, "steps must be an integer", "steps-float"),
+    bad(lambda: _run(state=State(step=3)), ValueError, "the run it came from is finished", "finished-state"),
+    bad(lambda: _run(state=State(step=-1)), ValueError, r"state.step must be an integer in \[0, 2\]",
+        "negative-state"),
+    bad(lambda: _run(DPMSolverPP(2), state=State(step=1, history=(np.zeros((1, 2)),))), ValueError,
+        r"history\[0\] has shape \(1, 2\)", "history-of-another-batch"),
+    bad(lambda: _run(mode="kernel"), ValueError, "mode", "unknown-mode"),
+    bad(lambda: _run(prediction="noise"), ValueError, "prediction type", "unknown-prediction"),
+    bad(lambda: _run("ddim"), ValueError, "refdiff Sampler", "sampler-not-a-sampler"),
+    bad(lambda: _run(grid=[0.9, 0.1]), ValueError, "refdiff Grid", "grid-not-a-grid"),
+    bad(lambda: _run(model=None), ValueError, "callable", "model-not-callable"),
+    bad(lambda: _run(x=0.0), ValueError, "batch axis", "scalar-x_T"),
+    # the model
+    bad(lambda: _run(model=lambda x, lv: np.zeros((1, 2))), ValueError, r"model output has shape \(1, 2\)",
+        "model-wrong-shape"),
+    bad(lambda: _run(model=lambda x, lv: None), ValueError, "real numeric array", "model-returns-None"),
+    bad(lambda: _run(model=lambda x, lv: x, guidance=2.0), ValueError, r"\(uncond, cond\)", "guidance-no-pair"),
+    bad(lambda: _run(model=lambda x, lv: (x, x[:1]), guidance=2.0), ValueError, "conditional model output",
+        "guidance-cond-shape"),
+    bad(lambda: _run(model=lambda x, lv: (x, x), guidance=np.ones(3)), ValueError, r"shape \(4,\)",
+        "guidance-per-row-length"),
+    bad(lambda: _run(model=lambda x, lv: np.full_like(x, np.nan), strict=True), FloatingPointError,
+        "non-finite values after step 0", "nan-strict"),
+    # noise
+    bad(lambda: _run(DDPM()), ValueError, "stochastic", "noise-missing"),
+    bad(lambda: _run(DDPM(), noise=np.zeros((3, 2, 3))), ValueError, "noise draws must have shape", "noise-shape"),
+    bad(lambda: _run(DDPM(), noise=np.zeros((1, 4, 2))), ValueError, "ran out of noise draws", "noise-too-few"),
+    bad(lambda: _run(DDPM(), noise=lambda: np.zeros(2)), ValueError, r"callable returned shape \(2,\)",
+        "noise-callable-shape"),
+    # samplers' parameters
+    bad(lambda: DDIM(1.5), ValueError, "eta", "ddim-eta-above-1"),
+    bad(lambda: DDIM(np.nan), ValueError, "eta", "ddim-eta-nan"),
+    bad(lambda: EulerAncestral(-1.0), ValueError, "eta", "ancestral-eta-negative"),
+    bad(lambda: DPMSolverPPSDE(eta=np.nan), ValueError, "eta", "dpmpp-sde-eta-nan"),
+    bad(lambda: DPMSolverPPSinglestep(r=1.0), ValueError, r"\(0, 1\)", "2s-r-1"),
+    bad(lambda: Churn(np.nan), ValueError, "S_churn", "churn-nan"),
+    bad(lambda: Churn(1.0, 2.0, 1.0), ValueError, "S_tmin <= S_tmax", "churn-window"),
+    bad(lambda: DPMSolverPP(4), ValueError, "order", "dpmpp-order-4"),
+    bad(lambda: DPMSolver(4), ValueError, "order", "dpm-order-4"),
+    bad(lambda: UniPC(3), ValueError, "order", "unipc-order-3"),
+    bad(lambda: UniPC(2, "bh3"), ValueError, "variant", "unipc-variant"),
+    bad(lambda: LMS(5), ValueError, "order", "lms-order-5"),
+    bad(lambda: DEIS(4), ValueError, "order", "deis-order-4"),
+    bad(lambda: DDPM("learned"), ValueError, "variance", "ddpm-variance"),
+    bad(lambda: DDPM("learned_range"), ValueError, "variance_fn", "ddpm-learned-without-fn"),
+    bad(lambda: PredictorCorrector(snr=0.0), ValueError, "snr", "pc-snr-0"),
+    bad(lambda: PredictorCorrector(n_corrector=1.5), ValueError, "integer", "pc-n-float"),
+    # samplers on grids they cannot run
+    bad(lambda: _run(RK4(), grid=Grid.from_discrete(TABLE, [9, 5, 1])), ValueError, "continuous schedule",
+        "rk4-discrete-grid"),
+    bad(lambda: _run(ReverseEulerMaruyama(), grid=Grid.from_discrete(TABLE, [9, 5, 1]),
+                     noise=np.random.default_rng(0)), ValueError, "continuous schedule", "em-discrete-grid"),
+    bad(lambda: _run(DPM2(), grid=VP_NO_SCHEDULE), ValueError, "cannot name the time", "intermediate-level-no-t"),
+    bad(lambda: step_coeffs(LMS(2), _grid(3), State()), NotImplementedError, "past x_j", "lms-no-coeffs"),
+    # coefficient form
+    bad(lambda: model_coeffs("eps", 0.0, 1.0), ValueError, "SNR = 0", "eps-at-zero-snr"),
+    bad(lambda: model_coeffs("noise", 1.0, 0.5), ValueError, "prediction", "coeffs-unknown-prediction"),
+    bad(lambda: apply(StepCoeffs(1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0), X4), ValueError, "pass its output m",
+        "apply-without-m"),
+    bad(lambda: apply(StepCoeffs(1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0), X4, X4, np.zeros((1, 2))), ValueError,
+        r"D_prev1 has shape \(1, 2\)", "apply-history-shape"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
+
+
+def test_documented_results_for_unusual_but_valid_input():
+    """float16 / integer x_T computes in float64 and returns float64; an empty batch returns an empty batch; a model
+    returning a list of the right shape is read as an array; NaN from the model propagates (strict=True raises)."""
+    assert _run(x=X4.astype(np.float16)).x.dtype == np.float64
+    assert _run(x=X4.astype(np.int64)).x.dtype == np.float64
+    assert _run(x=np.zeros((0, 2))).x.shape == (0, 2)
+    np.testing.assert_array_equal(_run(model=lambda x, lv: MODEL(x, lv).tolist()).x, _run().x)
+    assert np.isnan(_run(model=lambda x, lv: np.full_like(x, np.nan)).x).all()
+
+
+def test_intermediate_levels_on_a_discrete_grid_name_their_fractional_timestep():
+    """DPM-2's midpoint between table entries gets the index interpolated in log-SNR (k-diffusion's sigma_to_t),
+    not NaN; at the grid's own levels the model sees the integer timesteps."""
+    table = S.DiscreteSchedule(S.linear_betas(1000))
+    grid = Grid.from_discrete(table, [999, 500, 100])
+    seen = []
+    sample(DPM2(), lambda x, lv: (seen.append(float(np.asarray(lv.t))), MODEL(x, lv))[1], grid, X4)
+    assert seen[0] == 999 and seen[2] == 500 and seen[4] == 100
+    for k, (hi, lo) in ((1, (999, 500)), (3, (500, 100))):
+        assert lo < seen[k] < hi and seen[k] != round(seen[k])
+        lam = table.log_snr(np.array([int(np.floor(seen[k])), int(np.ceil(seen[k]))]))
+        frac = seen[k] - np.floor(seen[k])
+        mid = 0.5 * (table.log_snr(hi) + table.log_snr(lo))             # DPM-2: the log-SNR midpoint
+        assert abs((1 - frac) * lam[0] + frac * lam[1] - mid) <= 1e-12 * abs(mid)
 
 
 @pytest.mark.parametrize("method,rtol", [("RK45", 1e-10), ("Radau", 1e-10)])

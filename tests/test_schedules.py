@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from refdiff import highprec, schedules as S, selfcheck as C
 from refdiff.report import continuous_families, discrete_tables
 from strategies import times
+from bad_inputs import bad, refused
 from tolerances import EPS32, EPS64, MAX_SCHEDULE_ULP, ROUNDTRIP_UNITS, fd_tolerance, float32_cumprod_bound
 
 FAMILIES = continuous_families()
@@ -228,64 +229,87 @@ def test_one_step_grids():
 
 # -- bad input --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("betas,match", [
-    ([0.1, 0.0, 0.2], "lie in"), ([0.1, -0.1], "lie in"), ([0.1, 1.5], "last beta"), ([0.1, 1.0, 0.2], "lie in"),
-    ([0.1, np.nan], "finite"), ([], "empty"), ([0.0, 0.1], "alpha_bar_0 == 1"), ([[0.1, 0.2]], "dimension"),
-])
-def test_bad_betas_raise(betas, match):
-    with pytest.raises(ValueError, match=match):
-        S.DiscreteSchedule(betas)
+TABLE10 = S.DiscreteSchedule(S.linear_betas(10))
+
+BAD = [
+    # discrete betas and tables
+    *[bad(lambda b=b: S.DiscreteSchedule(b), ValueError, m, i) for b, m, i in (
+        ([0.1, 0.0, 0.2], "lie in", "beta-0-inside"), ([0.1, -0.1], "last beta", "negative-beta"),
+        ([0.1, 1.5], "last beta", "beta-above-1"), ([0.1, 1.0, 0.2], "lie in", "beta-1-inside"),
+        ([0.1, np.nan], "finite", "nan-beta"), ([], "empty", "no-betas"), ([0.0, 0.1], "alpha_bar_0 == 1",
+                                                                             "first-beta-0"),
+        ([[0.1, 0.2]], "dimension", "2-D-betas"), (["a", "b"], "real numeric", "string-betas"))],
+    bad(lambda: S.DiscreteSchedule.from_alphas_cumprod([0.9, 0.95, 0.5]), ValueError, "strictly decreasing",
+        "alpha_bar-increasing"),
+    bad(lambda: S.DiscreteSchedule.from_alphas_cumprod([1.0, 0.9]), ValueError, "alpha_bar_0 == 1",
+        "alpha_bar-0-is-1"),
+    bad(lambda: S.DiscreteSchedule.from_alphas_cumprod([0.9, -0.1]), ValueError, "< 0", "alpha_bar-negative"),
+    bad(lambda: S.betas_from_alpha_bar(4, lambda t: 0.5 + 0.1 * t), ValueError, "decrease strictly",
+        "alpha_bar-fn-increasing"),
+    bad(lambda: S.betas_from_alpha_bar(4, lambda t: 0.5), ValueError, "vectorised", "alpha_bar-fn-scalar"),
+    bad(lambda: S.betas_from_alpha_bar(4, S.VE()), ValueError, "variance-preserving", "alpha_bar-of-VE"),
+    bad(lambda: S.rescale_zero_terminal_snr([0.1, 1.0]), ValueError, "lie in", "rescale-terminal-one"),
+    bad(lambda: S.rescale_zero_terminal_snr([0.1]), ValueError, "at least 2", "rescale-one-beta"),
+    # beta families
+    bad(lambda: S.linear_betas(0), ValueError, ">= 1", "linear-T-0"),
+    bad(lambda: S.scaled_linear_betas(-3), ValueError, ">= 1", "scaled-T-negative"),
+    bad(lambda: S.cosine_betas(True), ValueError, "integer", "cosine-T-bool"),
+    bad(lambda: S.linear_betas(10.5), ValueError, "integer", "linear-T-float"),
+    bad(lambda: S.linear_betas(10, 0.0, 0.1), ValueError, r"\(0, 1\)", "linear-beta_start-0"),
+    bad(lambda: S.linear_betas(10, 1e-4, 1.5), ValueError, r"\(0, 1\)", "linear-beta_end-above-1"),
+    bad(lambda: S.linear_betas(10, np.nan, 0.1), ValueError, r"\(0, 1\)", "linear-nan"),
+    bad(lambda: S.cosine_betas(10, s=-0.1), ValueError, "s must be >= 0", "cosine-s-negative"),
+    bad(lambda: S.cosine_betas(10, s=1e300), ValueError, "degenerate", "cosine-s-huge"),
+    bad(lambda: S.cosine_betas(10, s=np.inf), ValueError, "degenerate", "cosine-s-inf"),
+    bad(lambda: S.cosine_betas(10, max_beta=0.0), ValueError, "max_beta", "cosine-max_beta-0"),
+    # continuous families
+    bad(lambda: S.VPLinear().alpha(1.5), ValueError, r"t must lie in \[0.0, 1.0\]", "t-above-1"),
+    bad(lambda: S.VPLinear().alpha(-0.1), ValueError, r"t must lie in \[0.0, 1.0\]", "t-negative"),
+    bad(lambda: S.Cosine().sigma(np.nan), ValueError, "t must lie in", "t-nan"),
+    bad(lambda: S.Cosine().t_of_log_snr(np.nan), ValueError, "NaN", "log-snr-nan"),
+    bad(lambda: S.VE().t_of_log_snr(100.0), ValueError, "log-SNR range", "log-snr-outside"),
+    bad(lambda: S.ShiftedVP(S.VE(), 1.0), ValueError, "variance-preserving", "shift-of-VE"),
+    bad(lambda: S.RectifiedFlow(0.0), ValueError, "shift", "flow-shift-0"),
+    bad(lambda: S.EDM(sigma_min=0.0), ValueError, "sigma_min", "edm-sigma_min-0"),
+    bad(lambda: S.VPLinear(beta_min=-1.0), ValueError, "beta_min", "vp-beta_min-negative"),
+    bad(lambda: S.Sigmoid(start=3, end=-3), ValueError, "start < end", "sigmoid-start-after-end"),
+    # tables indexed
+    bad(lambda: TABLE10.alpha(10), ValueError, "index", "index-past-table"),
+    bad(lambda: TABLE10.alpha(-1), ValueError, "index", "index-negative"),
+    bad(lambda: TABLE10.alpha(1.0), ValueError, "integer", "index-float"),
+    bad(lambda: TABLE10.fractional_index(100.0), ValueError, "table's range", "fractional-index-outside"),
+    # time grids
+    *[bad(lambda g=g: S.validate_grid(g), ValueError, m, i) for g, m, i in (
+        ([3, 2, 2, 1], "duplicate", "grid-duplicate"), ([3, 1, 2], "non-monotone", "grid-non-monotone"),
+        ([], "empty", "grid-empty"), ([[3, 2]], "1-D", "grid-2-D"), ([1.0, np.nan], "NaN", "grid-nan"))],
+    *[bad(c, ValueError, ">= 1", i) for c, i in (
+        (lambda: S.timesteps(1000, 0), "timesteps-n-0"), (lambda: S.karras_sigmas(0, 0.1, 1.0), "karras-n-0"),
+        (lambda: S.time_uniform(0), "time-uniform-n-0"), (lambda: S.exponential_sigmas(0, 0.1, 1.0), "exp-n-0"))],
+    bad(lambda: S.timesteps(10, 11), ValueError, "exceed", "timesteps-n-past-T"),
+    bad(lambda: S.timesteps(10, 5, "uniform"), ValueError, "spacing", "timesteps-unknown-spacing"),
+    bad(lambda: S.timesteps(10.5, 5), ValueError, "integer", "timesteps-T-float"),
+    bad(lambda: S.timesteps(1000, 10, "leading", -1), ValueError, "steps_offset", "timesteps-negative-offset"),
+    bad(lambda: S.karras_sigmas(5, 1.0, 0.5), ValueError, "sigma_min < sigma_max", "karras-min-above-max"),
+    bad(lambda: S.karras_sigmas(5, -0.1, 10.0), ValueError, "sigma_min", "karras-negative-min"),
+    bad(lambda: S.karras_sigmas(5, 0.1, 10.0, rho=0.0), ValueError, "rho", "karras-rho-0"),
+]
 
 
-def test_rescale_refuses_terminal_one_and_short_tables():
-    with pytest.raises(ValueError):
-        S.rescale_zero_terminal_snr([0.1, 1.0])
-    with pytest.raises(ValueError, match="at least 2"):
-        S.rescale_zero_terminal_snr([0.1])
-
-
-@pytest.mark.parametrize("grid,match", [([3, 2, 2, 1], "duplicate"), ([3, 1, 2], "non-monotone"), ([], "empty"),
-                                        ([[3, 2]], "1-D"), ([1.0, np.nan], "NaN")])
-def test_bad_grids_raise(grid, match):
-    with pytest.raises(ValueError, match=match):
-        S.validate_grid(grid)
-
-
-def test_zero_steps_raise():
-    for call in (lambda: S.timesteps(1000, 0), lambda: S.karras_sigmas(0, 0.1, 1.0), lambda: S.time_uniform(0),
-                 lambda: S.exponential_sigmas(0, 0.1, 1.0), lambda: S.linear_betas(0)):
-        with pytest.raises(ValueError, match=">= 1"):
-            call()
-
-
-def test_other_bad_arguments_raise():
-    with pytest.raises(ValueError, match="exceed"):
-        S.timesteps(10, 11)
-    with pytest.raises(ValueError, match="spacing"):
-        S.timesteps(10, 5, "uniform")
-    with pytest.raises(ValueError, match="integer"):
-        S.timesteps(10.5, 5)
-    with pytest.raises(ValueError, match=r"t must lie in \[0.0, 1.0\]"):
-        S.VPLinear().alpha(1.5)
-    with pytest.raises(ValueError, match="NaN"):
-        S.Cosine().t_of_log_snr(np.nan)
-    with pytest.raises(ValueError, match="log-SNR range"):
-        S.VE().t_of_log_snr(100.0)
-    with pytest.raises(ValueError):
-        S.karras_sigmas(5, 1.0, 0.5)
-    with pytest.raises(ValueError, match="index"):
-        S.DiscreteSchedule(S.linear_betas(10)).alpha(10)
-    with pytest.raises(ValueError, match="integer"):
-        S.DiscreteSchedule(S.linear_betas(10)).alpha(1.0)
-    with pytest.raises(ValueError, match="variance-preserving"):
-        S.ShiftedVP(S.VE(), 1.0)
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
 
 
 def test_low_precision_alphas_cumprod_warn_then_raise():
+    """A float16 table: each defect found is a warning (alpha_bar rounds to 1, neighbours collide), then the table
+    is refused."""
     ab16 = S.DiscreteSchedule(S.linear_betas(1000)).alphas_cumprod.astype(np.float16)
-    with pytest.warns(RuntimeWarning, match="alpha_bar == 1 at t > 0|duplicate"):
+    with pytest.warns(RuntimeWarning) as caught:
         with pytest.raises(ValueError, match="invalid alphas_cumprod"):
             S.DiscreteSchedule.from_alphas_cumprod(ab16)
+    messages = [str(w.message) for w in caught]
+    assert all(m.startswith("float16 alphas_cumprod") for m in messages)
+    assert any("alpha_bar == 1 at t > 0" in m for m in messages) and any("duplicate" in m for m in messages)
 
 
 def test_float64_alphas_cumprod_round_trip():

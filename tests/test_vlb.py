@@ -30,7 +30,9 @@ def test_normal_kl_of_nearly_equal_variances_keeps_its_digits():
     assert V.normal_kl(0.0, d, 0.0, 0.0) == pytest.approx(d * d / 4, rel=1e-9)     # (e^d - 1 - d) / 2 ~ d^2 / 4
 
 
-DISC_CASES = [(x, m, s) for x in (-1.0, -1 + 2 / 255 * 3, 0.0, 2 / 255 * 100 - 1, 1.0)
+# levels -1 + 2k / 255 (k = 0 .. 255): 0.0 is not one of them (k = 127.5), the middle levels are k = 127, 128
+DISC_CASES = [(x, m, s) for x in (-1.0, -1 + 2 / 255 * 3, -1 + 2 / 255 * 127, -1 + 2 / 255 * 128, 2 / 255 * 100 - 1,
+                                  1.0)
               for m, s in ((0.0, 0.5), (0.3, 0.02), (-0.9, 0.1), (0.95, 0.05), (0.0, 3.0))]
 
 
@@ -100,7 +102,7 @@ def test_ddpm_vlb_terms_match_exact_expectation(variance):
 
 def test_learned_range_interpolates_the_fixed_variances():
     rng = np.random.default_rng(2)
-    x0 = np.clip(np.round(rng.uniform(-1, 1, (4, 3)) * 127.5) / 127.5, -1, 1)
+    x0 = np.round((rng.uniform(-1, 1, (4, 3)) + 1) * 127.5) / 127.5 - 1     # on the 8-bit grid -1 + 2k / 255
     eps = rng.standard_normal((10, 4, 3))
     d = DDPM10
     base = lambda x, i: GAUSS.eps(x, d.alpha(i), d.sigma(i))  # noqa: E731

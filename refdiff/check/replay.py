@@ -68,7 +68,11 @@ class _Diffusers:
         kw = {"generator": self.gen, **self.step_kwargs} if self.pass_generator else dict(self.step_kwargs)
         out = self.sched.step(m, t, self.x, **kw)
         out = out.prev_sample if hasattr(out, "prev_sample") else out[0] if isinstance(out, tuple) else out
-        self.x = self.torch.as_tensor(out).to(self.dtype)
+        out = self.torch.as_tensor(out)
+        if tuple(out.shape) != tuple(self.x.shape):        # compared before any arithmetic: it would broadcast
+            raise ValueError(f"the target's step() returned shape {tuple(out.shape)} for a sample of shape "
+                             f"{tuple(self.x.shape)}")
+        self.x = out.to(self.dtype)
         self.k += 1
         return m.double().numpy()
 

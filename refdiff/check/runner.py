@@ -23,11 +23,16 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from .._io import check_output_dir, write_text
 
 __all__ = ["PROTOCOL_METHODS", "run_check", "write_check", "resolve", "rerun_case", "CASE_KEYS", "case_label",
            "findings_by_kind"]
@@ -38,8 +43,49 @@ PROTOCOL_METHODS = ("set_timesteps", "step", "timesteps", "alphas_cumprod", "ref
 SCHEMA = "refdiff.check/1"
 
 
+CASE_TIMEOUT = 120.0           # seconds per case: a diffusers case takes ~0.1 s, a hung target must not hang the run
+
+
 class UsageError(Exception):
     pass
+
+
+class CaseTimeout(BaseException):
+    """A case ran past its time limit. A BaseException, so that a target's own ``except Exception`` cannot swallow
+    it (as for KeyboardInterrupt)."""
+
+
+@contextmanager
+def _time_limit(seconds):
+    """Interrupt the enclosed code after ``seconds`` (SIGALRM; main thread on POSIX only, else no limit)."""
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise CaseTimeout(f"the case ran past the {seconds:g} s limit (--case-timeout)")
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _guarded(run, adapter, config, case_timeout):
+    """Run one case; a target that raises, calls sys.exit or hangs fails that case, and the rest still run."""
+    try:
+        with _time_limit(case_timeout):
+            return run()
+    except CaseTimeout as exc:
+        finding = f"unexplained: timed out — {exc}"
+    except SystemExit as exc:
+        finding = f"unexplained: the target called sys.exit({exc.code!r}) during the case"
+    except Exception as exc:                   # the target raised mid-run
+        return {"scheduler": adapter.name, **config, "verdict": "fail",
+                "finding": f"raised {type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
+    return {"scheduler": adapter.name, **config, "verdict": "fail", "finding": finding}
 
 
 def case_label(case: dict) -> str:
@@ -86,6 +132,10 @@ def resolve(target: str):
         obj = getattr(importlib.import_module(module), name) if name else importlib.import_module(module)
     except (ImportError, AttributeError) as exc:
         raise UsageError(f"cannot import {target!r}: {exc}") from None
+    except SystemExit as exc:
+        raise UsageError(f"importing {module!r} called sys.exit({exc.code!r})") from None
+    except Exception as exc:                     # the module raised while importing: a usage error, not a verdict
+        raise UsageError(f"importing {module!r} raised {type(exc).__name__}: {exc}") from None
     try:
         import torch  # noqa: F401
     except ImportError as exc:
@@ -129,10 +179,13 @@ def _kernel_check() -> dict:
             "cases": cases}
 
 
-def run_check(target: str, quick: bool = False, progress=None, on_total=None, seed: int = 0) -> dict:
+def run_check(target: str, quick: bool = False, progress=None, on_total=None, seed: int = 0,
+              case_timeout: float | None = CASE_TIMEOUT) -> dict:
     from .._env import env_info
     from . import diffusers_schedulers as DS
 
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+        raise UsageError(f"seed must be an integer in [0, 2^32), got {seed!r}")
     if target == "kernels":
         return _kernel_check()
     adapters = resolve(target)
@@ -141,12 +194,8 @@ def run_check(target: str, quick: bool = False, progress=None, on_total=None, se
         on_total(len(plan))
     cases = []
     for adapter, config in plan:
-        try:
-            case = DS.run_case(adapter, config, seed=seed)
-            case["seed"] = seed
-        except Exception as exc:                   # the target raised mid-run: that case fails, the rest run
-            case = {"scheduler": adapter.name, **config, "verdict": "fail",
-                    "finding": f"raised {type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
+        case = _guarded(lambda: DS.run_case(adapter, config, seed=seed), adapter, config, case_timeout)
+        case["seed"] = seed
         cases.append(case)
         if progress is not None:
             progress(case)
@@ -160,10 +209,13 @@ def run_check(target: str, quick: bool = False, progress=None, on_total=None, se
 
 
 def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """check.json, check.md and (``save_inputs``) one case_*.npz per saved case, each written atomically. Case files
+    of an earlier run in the same folder are removed first, so every case file present belongs to this report."""
+    out = check_output_dir(out_dir)
+    for stale in out.glob("case_*.npz"):
+        stale.unlink()
     paths = [out / "check.json", out / "check.md"]
-    paths[0].write_text(json.dumps(doc, indent=2, default=float))
+    write_text(paths[0], json.dumps(doc, indent=2, default=float))
     n_pass = sum(c["verdict"] == "pass" for c in doc["cases"])
     head = [f"# refdiff check {doc['target']} — {doc['verdict'].upper()}", "", f"{n_pass} of {len(doc['cases'])} "
             f"cases pass. Rule: `{doc['rule']}`.", ""]
@@ -171,7 +223,7 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
         lines = head + [f"Backend: {doc.get('backend')}.", "", "| case | ratio to the rule | verdict |",
                         "|---|---|---|"]
         lines += [f"| {c['scheduler']} | {c['ratio_to_rule']:.3g} | {c['verdict']} |" for c in doc["cases"]]
-        paths[1].write_text("\n".join(lines + [""]))
+        write_text(paths[1], "\n".join(lines + [""]))
         return paths
     lines = head + ["| scheduler | schedule | spacing | steps | prediction | dtype | max step ratio | end-to-end | "
                     "dup. t | verdict | finding |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -187,27 +239,47 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
     if doc["unmapped"]:
         lines += ["", "Not checked: " + "; ".join(f"{k} ({v})" for k, v in doc["unmapped"].items())]
     lines.append("")
-    paths[1].write_text("\n".join(lines))
+    write_text(paths[1], "\n".join(lines))
     if save_inputs != "never":
         for k, c in enumerate(doc["cases"]):
             if save_inputs == "always" or c["verdict"] == "fail":
-                p = out / f"case_{k:03d}_{c['scheduler']}.npz"
-                np.savez(p, x_T=np.asarray(c.get("x_T", [])), timesteps=np.asarray(c.get("timesteps", [])),
-                         config=json.dumps({kk: c[kk] for kk in CASE_KEYS if kk in c}),
-                         scheduler=c["scheduler"], seed=int(c.get("seed", 0)))
+                p = out / f"case_{k:03d}_{_file_safe(c['scheduler'])}.npz"
+                tmp = p.with_name(f".{p.name}.tmp")
+                with open(tmp, "wb") as f:               # np.savez on a path would append .npz to the temporary
+                    np.savez(f, x_T=np.asarray(c.get("x_T", []), dtype=np.float64),
+                             timesteps=np.asarray(c.get("timesteps", [])),
+                             config=np.asarray(json.dumps({kk: c[kk] for kk in CASE_KEYS if kk in c})),
+                             scheduler=np.asarray(c["scheduler"]), seed=np.asarray(int(c.get("seed", 0))))
+                os.replace(tmp, p)
                 paths.append(p)
     return paths
 
 
+def _file_safe(name: str) -> str:
+    """A target name as a file-name part (module:callable targets hold ':' and '.')."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(name))
+
+
 def rerun_case(target: str, path) -> dict:
-    """Run one saved case again (``--save-inputs``): the same configuration and starting sample x_T."""
+    """Run one saved case again (``--save-inputs``): the same configuration and starting sample x_T.
+
+    The file is read with allow_pickle=False: a case file holds arrays and strings only, and a crafted object
+    array (a pickle) must not execute. Anything else in it is a usage error with one line."""
     from . import diffusers_schedulers as DS
 
-    with np.load(path) as f:
-        config = json.loads(str(f["config"]))
-        x_T = f["x_T"]
-        scheduler = str(f["scheduler"])
-        seed = int(f["seed"])
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            config = json.loads(str(f["config"]))
+            x_T = np.asarray(f["x_T"], dtype=np.float64)
+            scheduler = str(f["scheduler"])
+            seed = int(f["seed"])
+        if not isinstance(config, dict) or not all(k in config for k in ("beta_schedule", "steps")):
+            raise ValueError("its config lacks the case keys")
+    except FileNotFoundError:
+        raise UsageError(f"--rerun: no such file {str(path)!r}") from None
+    except Exception as exc:
+        raise UsageError(f"--rerun: {str(path)!r} is not a case file written by --save-inputs "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     adapters = [a for a in resolve(target) if a.name == scheduler]
     if not adapters:
         raise UsageError(f"{path} holds a case of {scheduler}, not of {target}")

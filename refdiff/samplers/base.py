@@ -91,8 +91,14 @@ class Grid:
         return Grid(self.levels[::-1], self.schedule, not self.inversion)
 
     def level_at(self, log_snr) -> Level:
-        """An intermediate level at the given log-SNR: from the schedule when there is one, else the VE (alpha = 1)
-        or VP (alpha^2 = sigmoid(lambda)) level of the grid's own family."""
+        """An intermediate level at the given log-SNR, with the time the model is told:
+
+        * continuous schedule: its own t (``t_of_log_snr``);
+        * discrete schedule: the fractional index interpolated in log-SNR between table entries (k-diffusion's
+          ``sigma_to_t``), alpha^2 = sigmoid(lambda);
+        * VE grid (alpha = 1 throughout): t = sigma, as its levels carry.
+        A VP grid without a schedule cannot name the time of a level between its entries: ValueError (a model
+        given t = NaN there would be silently wrong)."""
         lam = np.asarray(log_snr, dtype=np.float64)
         if isinstance(self.schedule, ContinuousSchedule):
             t = self.schedule.t_of_log_snr(lam)
@@ -100,7 +106,12 @@ class Grid:
         if all(np.all(np.asarray(l.alpha) == 1.0) for l in self.levels):
             s = np.exp(-0.5 * lam)
             return Level(s, np.ones_like(s), s, lam)
-        return Level(np.nan, np.exp(0.5 * log_sigmoid(lam)), np.exp(0.5 * log_sigmoid(-lam)), lam)
+        if isinstance(self.schedule, DiscreteSchedule):
+            return Level(self.schedule.fractional_index(lam), np.exp(0.5 * log_sigmoid(lam)),
+                         np.exp(0.5 * log_sigmoid(-lam)), lam)
+        raise ValueError("this sampler evaluates the model between grid levels, and a VP grid without a schedule "
+                         "cannot name the time there: build it with Grid.from_times / Grid.from_discrete, or pass "
+                         "schedule=")
 
     def __len__(self):
         return len(self.levels) - 1

@@ -26,8 +26,10 @@ class Churn:
     """
 
     def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = np.inf, s_noise: float = 1.0):
-        if s_churn < 0 or s_noise < 0 or s_tmin < 0 or s_tmax < s_tmin:
-            raise ValueError("need S_churn >= 0, S_noise >= 0 and 0 <= S_tmin <= S_tmax")
+        # written as "not (valid)" so that NaN fails too (NaN < 0 is False: a NaN S_churn once disabled churn)
+        if not (s_churn >= 0 and s_noise >= 0 and s_tmin >= 0 and s_tmax >= s_tmin):
+            raise ValueError(f"need S_churn >= 0, S_noise >= 0 and 0 <= S_tmin <= S_tmax, got S_churn {s_churn}, "
+                             f"S_noise {s_noise}, S_tmin {s_tmin}, S_tmax {s_tmax}")
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = float(s_churn), float(s_tmin), float(s_tmax), \
             float(s_noise)
 
@@ -130,8 +132,8 @@ class EulerAncestral(Sampler):
     history_needed = 0
 
     def __init__(self, eta: float = 1.0, s_noise: float = 1.0):
-        if not 0.0 <= eta:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not (0.0 <= eta < np.inf and 0.0 <= s_noise < np.inf):
+            raise ValueError(f"eta and s_noise must be finite and >= 0, got eta {eta}, s_noise {s_noise}")
         self.eta, self.s_noise = float(eta), float(s_noise)
         self.name = f"EulerAncestral(eta={eta:g})"
 
@@ -186,8 +188,9 @@ class DPMSolverPPSDE(Sampler):
     history_needed = 0
 
     def __init__(self, eta: float = 1.0, r: float = 0.5, s_noise: float = 1.0):
-        if eta < 0 or not 0.0 < r < 1.0:
-            raise ValueError("need eta >= 0 and 0 < r < 1")
+        if not (0.0 <= eta < np.inf and 0.0 < r < 1.0 and 0.0 <= s_noise < np.inf):
+            raise ValueError(f"need finite eta >= 0, 0 < r < 1 and s_noise >= 0, got eta {eta}, r {r}, s_noise "
+                             f"{s_noise}")
         self.eta, self.r, self.s_noise = float(eta), float(r), float(s_noise)
         self.stochastic = eta > 0
         self.name = f"DPMSolver++SDE(eta={eta:g})"

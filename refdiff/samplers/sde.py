@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._validate import positive_int
 from ..sde import ScheduleSDE
 from .base import Level, Sampler, State
 
@@ -60,9 +61,9 @@ class PredictorCorrector(Sampler):
     history_needed = 0
 
     def __init__(self, snr: float = LANGEVIN_SNR, n_corrector: int = 1):
-        if not snr > 0 or n_corrector < 0:
-            raise ValueError("need snr > 0 and n_corrector >= 0")
-        self.snr, self.n_corrector = float(snr), int(n_corrector)
+        if not 0 < snr < np.inf:
+            raise ValueError(f"need a finite snr > 0, got {snr}")
+        self.snr, self.n_corrector = float(snr), positive_int(n_corrector, "n_corrector", minimum=0)
         self.name = f"PC(snr={snr:g}, n={n_corrector})"
 
     def step(self, ctx, cur: Level, nxt: Level, state: State):
