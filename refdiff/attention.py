@@ -45,17 +45,25 @@ def _qkv(q, k, v):
     return q, k, v
 
 
+def _broadcast(a, shape, name):
+    try:
+        return np.broadcast_to(a, shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {a.shape} does not broadcast to the logits' shape {shape} "
+                         "(B, H, N_q, N_k)") from None
+
+
 def _logits(q, k, scale, bias, mask):
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else float(scale)
     s = scale * np.einsum("bhqd,bhkd->bhqk", q, k)
     shape = s.shape
     if bias is not None:
-        s = s + np.broadcast_to(as_f64(bias, "bias"), shape)
+        s = s + _broadcast(as_f64(bias, "bias"), shape, "bias")
     if mask is not None:
         mask = np.asarray(mask)
         if mask.dtype != bool:
             raise ValueError("mask must be boolean (True keeps a key)")
-        s = np.where(np.broadcast_to(mask, shape), s, -np.inf)
+        s = np.where(_broadcast(mask, shape, "mask"), s, -np.inf)
     return s
 
 

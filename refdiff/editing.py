@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from ._validate import as_f64
+from ._validate import as_f64, positive_int
 from .samplers.base import Grid
 from .samplers.ddim import DDIM
 from .solve import SampleResult, sample
@@ -24,6 +24,7 @@ def sdedit_start(n_steps: int, strength: float) -> int:
     """Index of the grid level where SDEdit starts: N - min(floor(N strength), N)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must lie in [0, 1], got {strength}")
+    n_steps = positive_int(n_steps, "n_steps")
     return n_steps - min(int(math.floor(n_steps * strength)), n_steps)
 
 

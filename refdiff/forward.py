@@ -78,6 +78,8 @@ def _ratio_terms(alpha_s, sigma_s, alpha_t, sigma_t, log_snr_s, log_snr_t, like)
     s_t = broadcast_rows(sigma_t, like, "sigma_t")
     if (log_snr_s is None) != (log_snr_t is None):
         raise ValueError("give both log_snr_s and log_snr_t, or neither")
+    if np.any(a_s <= 0) or np.any(s_t < 0) or np.any(s_s < 0) or np.any(a_t < 0):
+        raise ValueError("need alpha_s > 0 (alpha_{t|s} = alpha_t / alpha_s) and non-negative alpha_t, sigma_s, sigma_t")
     if log_snr_s is not None:
         _check_level(a_s, s_s, broadcast_rows(log_snr_s, like, "log_snr_s"), "s")
         _check_level(a_t, s_t, broadcast_rows(log_snr_t, like, "log_snr_t"), "t")
@@ -110,9 +112,9 @@ def posterior(x_t, x0, alpha_s, sigma_s, alpha_t, sigma_t, *, log_snr_s=None, lo
     x_t = as_f64(x_t, "x_t")
     x0 = as_f64(x0, "x0")
     check_same_shape(x_t, x0, "x_t", "x0")
+    if np.any(np.asarray(sigma_t) == 0):
+        raise ValueError("posterior needs sigma_t > 0 (at sigma_t = 0, x_t is x_0 and there is nothing to invert)")
     a_s, s_s, a_t, s_t, factor = _ratio_terms(alpha_s, sigma_s, alpha_t, sigma_t, log_snr_s, log_snr_t, x_t)
-    if np.any(s_t == 0):
-        raise ValueError("posterior needs sigma_t > 0")
     keep = s_s * s_s / (s_t * s_t)                  # sigma_s^2 / sigma_t^2
     mean = (a_t / a_s) * keep * x_t + a_s * factor * x0
     return Gaussian(mean, factor * s_s * s_s)

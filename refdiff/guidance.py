@@ -36,7 +36,12 @@ def cfg_rescale(m_cfg, m_cond, phi: float = 0.7, ddof: int = 1):
     check_same_shape(m_cfg, m_cond, "m_cfg", "m_cond")
     if not 0.0 <= phi <= 1.0:
         raise ValueError(f"phi must lie in [0, 1], got {phi}")
-    rescaled = m_cfg * (_row_std(m_cond, ddof) / _row_std(m_cfg, ddof))
+    if m_cfg.ndim < 2 or int(np.prod(m_cfg.shape[1:])) <= ddof:
+        raise ValueError(f"CFG-rescale needs (B, ...) outputs with more than ddof = {ddof} elements per sample (a "
+                         f"standard deviation), got shape {m_cfg.shape}")
+    # a sample whose m_cfg is constant (std 0) gives 0 / 0 = NaN there, as IEEE (and diffusers' torch.std) does
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rescaled = m_cfg * (_row_std(m_cond, ddof) / _row_std(m_cfg, ddof))
     return phi * rescaled + (1.0 - phi) * m_cfg
 
 

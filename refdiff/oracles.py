@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp
 
-from ._validate import as_f64, broadcast_rows
+from ._validate import as_f64, broadcast_rows, positive_int
 
 __all__ = ["GaussianData", "GaussianMixture", "FiniteAtoms"]
 
@@ -173,6 +173,7 @@ class _Mixture:
         """n draws of x_0 (n, D) using the given numpy Generator (no global RNG)."""
         if not isinstance(rng, np.random.Generator):
             raise ValueError("rng must be a numpy.random.Generator (noise is always explicit)")
+        n = positive_int(n, "n", minimum=0)
         comp = rng.choice(self.K, size=n, p=self.weights)
         g = rng.standard_normal((n, self.D)) * np.sqrt(self.eigvals[comp])
         x = self.means[comp] + (g if self.eigvecs is None else np.einsum("ndj,nj->nd", self.eigvecs[comp], g))

@@ -319,9 +319,11 @@ class ContinuousSchedule:
 
     def _t(self, t) -> np.ndarray:
         t = as_f64(t, "t")
-        if np.any(np.isnan(t)) or np.any((t < self.t_min) | (t > self.t_max)):
+        if np.any(np.isnan(t)):
+            raise ValueError(f"t must lie in [{self.t_min}, {self.t_max}] for {type(self).__name__}, got NaN")
+        if np.any((t < self.t_min) | (t > self.t_max)):
             raise ValueError(f"t must lie in [{self.t_min}, {self.t_max}] for {type(self).__name__}, "
-                             f"got values in [{np.nanmin(t) if t.size else None}, {np.nanmax(t) if t.size else None}]")
+                             f"got values in [{np.min(t)}, {np.max(t)}]")
         return t
 
     def alpha(self, t):

@@ -162,6 +162,8 @@ class ScheduleSDE(SDE):
     """
 
     def __init__(self, schedule: ContinuousSchedule, t_min: float | None = None, T: float | None = None):
+        if not isinstance(schedule, ContinuousSchedule):
+            raise ValueError(f"schedule must be a refdiff ContinuousSchedule, got {type(schedule).__name__}")
         self.schedule = schedule
         self.t_min = schedule.t_min if t_min is None else float(t_min)
         self.T = (1.0 if np.isinf(schedule.t_max) else schedule.t_max) if T is None else float(T)

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refdiff import attention as A
+from bad_inputs import bad, refused
 
 
 def _qkv(seed, B=2, H=3, NQ=5, NK=7, d=4, scale=1.0):
@@ -80,15 +81,27 @@ def test_prompt_to_prompt_edits():
     np.testing.assert_array_equal(A.p2p_replace(P, P2, step=5, tau=5), P2)
 
 
-def test_bad_input():
-    q, k, v = _qkv(5)
-    with pytest.raises(ValueError, match="head-dim"):
-        A.attention(q, k[..., :3], v)
-    with pytest.raises(ValueError, match="key dims"):
-        A.attention(q, k, v[:, :, :3])
-    with pytest.raises(ValueError, match="boolean"):
-        A.attention(q, k, v, mask=np.ones((5, 7)))
-    with pytest.raises(ValueError, match="as many"):
-        A.merge_partials([q], [])
-    with pytest.raises(ValueError, match="same shape"):
-        A.p2p_replace(np.zeros((2, 3)), np.zeros((2, 4)), 0, 1)
+Q, K, VV = _qkv(5)
+
+BAD = [
+    bad(lambda: A.attention(Q, K[..., :3], VV), ValueError, "head-dim", "head-dims-differ"),
+    bad(lambda: A.attention(Q, K, VV[:, :, :3]), ValueError, "key dims", "key-counts-differ"),
+    bad(lambda: A.attention(Q[0], K[0], VV[0]), ValueError, r"\(B, H, N, d\)", "3-D-inputs"),
+    bad(lambda: A.attention(Q, K, VV, mask=np.ones((5, 7))), ValueError, "boolean", "float-mask"),
+    bad(lambda: A.attention(Q, K, VV, mask=np.ones((5, 6), bool)), ValueError, "does not broadcast", "mask-shape"),
+    bad(lambda: A.attention(Q, K, VV, bias=np.ones((4, 7))), ValueError, "does not broadcast", "bias-shape"),
+    bad(lambda: A.merge_partials([Q], []), ValueError, "as many", "merge-counts"),
+    bad(lambda: A.merge_partials([Q, Q[..., :2]], [Q[..., 0], Q[..., 0]]), ValueError, "partial 1", "merge-shapes"),
+    bad(lambda: A.p2p_replace(np.zeros((2, 3)), np.zeros((2, 4)), 0, 1), ValueError, "same shape", "p2p-shapes"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
+
+
+def test_no_keys_is_the_empty_sum():
+    """Zero keys (or all masked): lse = -inf and out = 0, the empty sum that the LSE merge needs (an empty key
+    block contributes nothing); the Triton kernel refuses N_k = 0 instead."""
+    res = A.attention(Q, K[:, :, :0], VV[:, :, :0])
+    assert np.all(np.isneginf(res.lse)) and np.all(res.out == 0)

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refdiff import conventions as V
+from bad_inputs import bad, refused
 from tolerances import CONVENTION_RTOL, EPS64
 
 
@@ -66,14 +67,19 @@ def test_cfg_known_values():
     np.testing.assert_array_equal(V.cfg_combine(np.zeros(2), np.ones(2), 1.0, "diffusers"), [1.0, 1.0])
 
 
-def test_bad_input():
-    with pytest.raises(ValueError, match="grid"):
-        V.t_to_index(0.1234, 10)
-    with pytest.raises(ValueError):
-        V.index_to_t(10, 10)
-    with pytest.raises(ValueError, match="convention"):
-        V.cfg_scale(1.0, "ho", "diffusers")
-    with pytest.raises(ValueError, match="alpha > 0"):
-        V.vp_to_ve(0.0, 1.0)
-    with pytest.raises(ValueError, match="same shape"):
-        V.cfg_combine(np.zeros(2), np.zeros(3), 1.0)
+BAD = [
+    bad(lambda: V.t_to_index(0.1234, 10), ValueError, "grid", "t-off-the-index-grid"),
+    bad(lambda: V.t_to_index(0.5, 0), ValueError, ">= 1", "T-0"),
+    bad(lambda: V.index_to_t(10, 10), ValueError, r"\[0, 9\]", "index-past-T"),
+    bad(lambda: V.index_to_t(-1, 10), ValueError, r"\[0, 9\]", "negative-index"),
+    bad(lambda: V.cfg_scale(1.0, "ho", "diffusers"), ValueError, "convention", "unknown-convention"),
+    bad(lambda: V.vp_to_ve(0.0, 1.0), ValueError, "alpha > 0", "ve-at-zero-snr"),
+    bad(lambda: V.ve_to_vp(-1.0), ValueError, "non-negative", "negative-sigma_ve"),
+    bad(lambda: V.vp_to_flow(-1.0, 0.5), ValueError, "alpha \\+ sigma > 0", "flow-of-negative-level"),
+    bad(lambda: V.flow_to_vp(1.5), ValueError, r"\[0, 1\]", "flow-time-above-1"),
+    bad(lambda: V.cfg_combine(np.zeros(2), np.zeros(3), 1.0), ValueError, "same shape", "cfg-shapes"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)

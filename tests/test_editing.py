@@ -9,6 +9,7 @@ from refdiff import editing as E
 from refdiff import schedules as S
 from refdiff.parametrization import from_x0_eps
 from refdiff.samplers import DDIM, DDPM, DPMSolverPP, Grid
+from bad_inputs import bad, refused
 from refdiff.solve import sample
 
 
@@ -94,14 +95,19 @@ def test_guided_distillation_target():
     np.testing.assert_allclose(out, (1 + w[:, None]) * mc - w[:, None] * mu, rtol=1e-15)
 
 
-def test_bad_input():
-    with pytest.raises(ValueError, match="strength"):
-        E.sdedit_start(10, 1.5)
-    grid = Grid.from_discrete(S.DiscreteSchedule(S.linear_betas(100)), np.array([90, 50]), final="data")
-    with pytest.raises(ValueError, match="noisy level"):
-        E.ddim_invert(model, grid, np.zeros((1, 2)))
-    with pytest.raises(ValueError, match="noise_init"):
-        E.sdedit(DPMSolverPP(), model, grid, np.zeros((2, 2)), 0.5, np.zeros((3, 2)))
-    with pytest.raises(ValueError, match="inversion needs eta = 0"):
-        sample(DDIM(0.5), model, Grid.from_times(SCHED, [0.9, 0.5]).reversed(), np.zeros((1, 2)),
-               noise=np.zeros((5, 1, 2)))
+GRID100 = Grid.from_discrete(S.DiscreteSchedule(S.linear_betas(100)), np.array([90, 50]), final="data")
+
+BAD = [
+    bad(lambda: E.sdedit_start(10, 1.5), ValueError, "strength", "strength-above-1"),
+    bad(lambda: E.sdedit_start(10, np.nan), ValueError, "strength", "strength-nan"),
+    bad(lambda: E.sdedit_start(0, 0.5), ValueError, ">= 1", "no-steps"),
+    bad(lambda: E.ddim_invert(model, GRID100, np.zeros((1, 2))), ValueError, "noisy level", "invert-to-data"),
+    bad(lambda: E.sdedit(DPMSolverPP(), model, GRID100, np.zeros((2, 2)), 0.5, np.zeros((3, 2))), ValueError,
+        "noise_init", "sdedit-noise-shape"),
+    bad(lambda: sample(DDIM(0.5), model, Grid.from_times(SCHED, [0.9, 0.5]).reversed(), np.zeros((1, 2)),
+                       noise=np.zeros((5, 1, 2))), ValueError, "inversion needs eta = 0", "stochastic-inversion"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from refdiff import forward as F
 from refdiff import schedules as S
+from bad_inputs import bad, refused
 from strategies import batches
 from tolerances import EPS64, MAX_SCHEDULE_ULP
 
@@ -99,19 +100,44 @@ def test_posterior_matches_ddpm_equation_7():
     assert p0.mean[0, 0] == 3.0 and p0.var == 0.0                            # s = 0: point mass at x0
 
 
-def test_bad_input():
-    x = np.zeros((3, 2))
-    with pytest.raises(ValueError, match="same shape"):
-        F.q_sample(x, 1.0, 0.0, np.zeros((3, 3)))
-    with pytest.raises(ValueError, match=r"shape \(3,\)"):
-        F.q_sample(x, np.ones(2), 0.0, x)
-    a_s, s_s, l_s = _levels(0.5)
-    a_t, s_t, l_t = _levels(0.3)
-    with pytest.raises(ValueError, match="s < t"):
-        F.transition(x, a_s, s_s, a_t, s_t, log_snr_s=l_s, log_snr_t=l_t)
-    with pytest.raises(ValueError, match="s < t"):
-        F.transition(x, a_s, s_s, a_t, s_t)
-    with pytest.raises(ValueError, match="both"):
-        F.transition(x, a_t, s_t, a_s, s_s, log_snr_s=l_t)
-    with pytest.raises(ValueError, match="same shape"):
-        F.posterior(x, np.zeros((2, 2)), a_t, s_t, a_s, s_s)
+X = np.zeros((3, 2))
+A_S, S_S, L_S = _levels(0.5)
+A_T, S_T, L_T = _levels(0.3)
+
+BAD = [
+    bad(lambda: F.q_sample(X, 1.0, 0.0, np.zeros((3, 3))), ValueError, "same shape", "q_sample-eps-shape"),
+    bad(lambda: F.q_sample(X, np.ones(2), 0.0, X), ValueError, r"shape \(3,\)", "q_sample-per-row-alpha-length"),
+    bad(lambda: F.q_sample(X, 1.0, np.ones((3, 2)), X), ValueError, r"shape \(3,\)", "q_sample-2-D-sigma"),
+    bad(lambda: F.q_sample(X + 0j, 1.0, 0.5, X), ValueError, "real numeric", "q_sample-complex"),
+    bad(lambda: F.q_sample(X.astype(bool), 1.0, 0.5, X), ValueError, "real numeric", "q_sample-bool"),
+    bad(lambda: F.q_moments(X, np.ones(4), 1.0), ValueError, r"shape \(3,\)", "q_moments-per-row-length"),
+    bad(lambda: F.transition(X, A_S, S_S, A_T, S_T, log_snr_s=L_S, log_snr_t=L_T), ValueError, "s < t",
+        "transition-backwards-log-snr"),
+    bad(lambda: F.transition(X, A_S, S_S, A_T, S_T), ValueError, "s < t", "transition-backwards"),
+    bad(lambda: F.transition(X, A_T, S_T, A_S, S_S, log_snr_s=L_T), ValueError, "both", "transition-one-log-snr"),
+    bad(lambda: F.transition(X, A_T, S_T, A_S, S_S, log_snr_s=L_S, log_snr_t=L_T), ValueError, "contradicts",
+        "transition-swapped-log-snrs"),
+    bad(lambda: F.posterior(X, np.zeros((2, 2)), A_T, S_T, A_S, S_S), ValueError, "same shape", "posterior-shapes"),
+    bad(lambda: F.posterior(X, X, A_T, S_T, A_S, S_S, log_snr_s=L_T + 1.0, log_snr_t=L_S), ValueError,
+        "contradicts", "posterior-contradicting-log-snr"),
+    bad(lambda: F.posterior(X, X, 1.0, 0.0, 1.0, 0.0), ValueError, "sigma_t > 0", "posterior-sigma_t-0"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.int32])
+def test_low_precision_and_integer_inputs_compute_in_float64(dtype):
+    """Inputs of any real dtype are converted once; every result is float64 (DESIGN.md §2)."""
+    x = np.arange(6).reshape(3, 2).astype(dtype)
+    assert F.q_sample(x, 0.6, 0.8, x).dtype == np.float64
+    assert F.posterior(x, x, A_T, S_T, A_S, S_S).mean.dtype == np.float64
+
+
+def test_empty_batches_give_empty_results():
+    e = np.zeros((0, 2))
+    assert F.q_sample(e, 0.6, 0.8, e).shape == (0, 2)
+    assert F.q_sample(e, np.ones(0), np.ones(0), e).shape == (0, 2)
+    assert F.posterior(e, e, A_T, S_T, A_S, S_S).mean.shape == (0, 2)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from refdiff import conventions as V
 from refdiff import guidance as G
 from refdiff.oracles import GaussianMixture
+from bad_inputs import bad, refused
 from tolerances import EPS64, fd_tolerance
 
 
@@ -95,12 +96,35 @@ def test_dynamic_threshold(seed, p):
     np.testing.assert_array_equal(out[small], x0[small])           # already within [-1, 1]: unchanged
 
 
-def test_bad_input():
-    with pytest.raises(ValueError, match="same shape"):
-        G.cfg(np.zeros(3), np.zeros(4), 1.0)
-    with pytest.raises(ValueError, match="phi"):
-        G.cfg_rescale(np.ones((2, 3)), np.ones((2, 3)), phi=1.5)
-    with pytest.raises(ValueError, match="weights"):
-        G.compose(np.zeros(2), [np.zeros(2)], [1.0, 2.0])
-    with pytest.raises(ValueError, match="same shape"):
-        G.classifier_guidance_eps(np.zeros((2, 2)), np.zeros((2, 3)), 1.0)
+BAD = [
+    bad(lambda: G.cfg(np.zeros(3), np.zeros(4), 1.0), ValueError, "same shape", "cfg-shapes"),
+    bad(lambda: G.cfg_rescale(np.ones((2, 3)), np.ones((2, 3)), phi=1.5), ValueError, "phi", "rescale-phi"),
+    bad(lambda: G.cfg_rescale(np.ones((2, 3)), np.ones((2, 4))), ValueError, "same shape", "rescale-shapes"),
+    bad(lambda: G.cfg_rescale(np.ones((2, 1)), np.ones((2, 1))), ValueError, "more than ddof", "rescale-1-element"),
+    bad(lambda: G.compose(np.zeros(2), [np.zeros(2)], [1.0, 2.0]), ValueError, "weights", "compose-weights"),
+    bad(lambda: G.compose(np.zeros(2), [np.zeros(3)], [1.0]), ValueError, "same shape", "compose-shapes"),
+    bad(lambda: G.classifier_guidance_eps(np.zeros((2, 2)), np.zeros((2, 3)), 1.0), ValueError, "same shape",
+        "classifier-shapes"),
+    bad(lambda: G.classifier_guidance_mean(np.zeros((2, 2)), np.ones(3), np.zeros((2, 2))), ValueError,
+        r"shape \(2,\)", "classifier-variance-length"),
+    bad(lambda: G.mix_views(np.zeros((1, 2)), [], lambda k, v: v), ValueError, "at least one view", "no-views"),
+    bad(lambda: G.dynamic_threshold(np.ones((2, 3)), max_value=-1.0), ValueError, "max_value", "threshold-negative"),
+    bad(lambda: G.dynamic_threshold(np.ones((2, 3)), max_value=2.0, ceiling=1.0), ValueError, "ceiling",
+        "threshold-ceiling"),
+    bad(lambda: G.dynamic_threshold(np.ones((2, 3)), percentile=0.0), ValueError, "percentile",
+        "threshold-percentile"),
+    bad(lambda: G.dynamic_threshold(np.ones(3)), ValueError, r"\(B, ...\)", "threshold-1-D"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
+
+
+def test_documented_edge_results():
+    """An empty batch thresholds to an empty batch; CFG-rescale of a constant m_cfg row is 0 / 0 = NaN there
+    (IEEE, as diffusers' torch.std gives), other rows unaffected."""
+    assert G.dynamic_threshold(np.ones((0, 3))).shape == (0, 3)
+    m_cfg = np.array([[1.0, 1.0, 1.0], [1.0, 2.0, 3.0]])
+    out = G.cfg_rescale(m_cfg, m_cfg * 2.0, phi=1.0)
+    assert np.isnan(out[0]).all() and np.all(np.isfinite(out[1]))

@@ -11,6 +11,7 @@ pytest.importorskip("triton")
 from kernels import noising as NZ  # noqa: E402
 from refdiff import rng  # noqa: E402
 from refdiff.parametrization import from_x0_eps  # noqa: E402
+from bad_inputs import bad, refused
 from tolerances import kernel_rule_violation  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,18 +90,29 @@ def test_philox_noise_is_regenerated_identically():
     assert torch.all(res.loss == 0) and torch.all(res.grad == 0)
 
 
-def test_empty_and_bad_input():
+XN = torch.zeros((2, 5), device=DEVICE)
+
+BAD = [
+    bad(lambda: NZ.add_noise(XN, 1.0, 0.0), ValueError, "either as eps", "noise-missing"),
+    bad(lambda: NZ.add_noise(XN, 1.0, 0.0, eps=XN, seed=1), ValueError, "either as eps", "noise-twice"),
+    bad(lambda: NZ.add_noise(XN, 1.0, 0.0, eps=torch.zeros((2, 4), device=DEVICE)), ValueError,
+        r"shape \(2, 4\)", "eps-shape"),
+    bad(lambda: NZ.add_noise(XN, np.ones(3), 0.0, eps=XN), ValueError, r"shape \(2,\)", "per-row-length"),
+    bad(lambda: NZ.add_noise(XN, 1.0, 0.0, eps=XN.half()), ValueError, "dtype", "mixed-dtypes"),
+    bad(lambda: NZ.add_noise(XN.double(), 1.0, 0.0, eps=XN.double()), ValueError, "float32, float16 or bfloat16",
+        "float64"),
+    bad(lambda: NZ.noising_loss(XN, XN, 1.0, 0.0, eps=XN, prediction="score"), ValueError, "prediction",
+        "unsupported-target"),
+    bad(lambda: NZ.noising_loss(XN, torch.zeros((2, 6), device=DEVICE), 1.0, 0.0, eps=XN), ValueError, "shape",
+        "prediction-shape"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
+
+
+def test_empty_batches_launch_nothing():
     z = torch.zeros((0, 5), device=DEVICE)
     assert NZ.add_noise(z, 1.0, 0.0, eps=z).shape == (0, 5)
     assert NZ.noising_loss(z, z, 1.0, 0.0, eps=z).loss.shape == (0,)
-    x = torch.zeros((2, 5), device=DEVICE)
-    with pytest.raises(ValueError, match="either as eps"):
-        NZ.add_noise(x, 1.0, 0.0)
-    with pytest.raises(ValueError, match="either as eps"):
-        NZ.add_noise(x, 1.0, 0.0, eps=x, seed=1)
-    with pytest.raises(ValueError, match=r"shape \(2, 4\)"):
-        NZ.add_noise(x, 1.0, 0.0, eps=torch.zeros((2, 4), device=DEVICE))
-    with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        NZ.add_noise(x, np.ones(3), 0.0, eps=x)
-    with pytest.raises(ValueError, match="prediction"):
-        NZ.noising_loss(x, x, 1.0, 0.0, eps=x, prediction="score")

@@ -8,6 +8,7 @@ from refdiff import schedules as S
 from refdiff import selfcheck as C
 from refdiff import sde as SD
 from refdiff.oracles import GaussianData, GaussianMixture
+from bad_inputs import bad, refused
 from tolerances import z_bound
 
 EXACT_NATS = 1e-8        # issue acceptance: exact divergence to 1e-8 nats (DOP853 at rtol 1e-11 reaches ~1e-12)
@@ -65,17 +66,21 @@ def test_finite_difference_jvp_path_agrees_with_exact_hvp():
     np.testing.assert_allclose(a.per_probe, b.per_probe, rtol=0, atol=1e-6)
 
 
-def test_bad_input():
-    data, sde = DATA["gaussian"], SDES["VP"]
-    score, *_ = _fns(data, sde)
-    x0 = np.zeros((2, 2))
-    with pytest.raises(ValueError, match="divergence_fn"):
-        LK.pf_ode_log_likelihood(x0, sde, score)
-    with pytest.raises(ValueError, match=r"shape \(P, 2, 2\)"):
-        LK.pf_ode_log_likelihood(x0, sde, score, probes=np.zeros((3, 2)))
-    with pytest.raises(ValueError, match="finite"):
-        LK.pf_ode_log_likelihood(np.array([[np.nan, 0.0]]), sde, score, probes=np.zeros((1, 1, 2)))
-    with pytest.raises(ValueError, match="t1 > t0"):
-        LK.pf_ode_log_likelihood(x0, sde, score, probes=np.zeros((1, 2, 2)), t0=0.5, t1=0.5)
-    with pytest.raises(ValueError, match="probe kind"):
-        LK.hutchinson_probes(2, (1, 2), np.random.default_rng(0), "sobol")
+SCORE = _fns(DATA["gaussian"], SDES["VP"])[0]
+XL = np.zeros((2, 2))
+
+BAD = [
+    bad(lambda: LK.pf_ode_log_likelihood(XL, SDES["VP"], SCORE), ValueError, "divergence_fn", "no-divergence"),
+    bad(lambda: LK.pf_ode_log_likelihood(XL, SDES["VP"], SCORE, probes=np.zeros((3, 2))), ValueError,
+        r"shape \(P, 2, 2\)", "probe-shape"),
+    bad(lambda: LK.pf_ode_log_likelihood(np.array([[np.nan, 0.0]]), SDES["VP"], SCORE, probes=np.zeros((1, 1, 2))),
+        ValueError, "finite", "nan-data"),
+    bad(lambda: LK.pf_ode_log_likelihood(XL, SDES["VP"], SCORE, probes=np.zeros((1, 2, 2)), t0=0.5, t1=0.5),
+        ValueError, "t1 > t0", "empty-interval"),
+    bad(lambda: LK.hutchinson_probes(2, (1, 2), np.random.default_rng(0), "sobol"), ValueError, "probe kind",
+        "unknown-probe"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)

@@ -8,6 +8,7 @@ from refdiff import losses as L
 from refdiff import schedules as S
 from refdiff import selfcheck as C
 from refdiff.oracles import GaussianData
+from bad_inputs import bad, refused
 from tolerances import EPS64, z_bound
 
 
@@ -158,23 +159,51 @@ def test_nan_in_model_output_propagates_and_is_reported():
         L.training_loss(model, x0, np.array([0.2, 0.4, 0.6, 0.8]), eps, S.VPLinear(), strict=True)
 
 
-def test_bad_input():
-    z = S.DiscreteSchedule(S.rescale_zero_terminal_snr(S.scaled_linear_betas(1000)))
-    x0 = np.zeros((2, 3))
-    with pytest.raises(ValueError, match="zero terminal SNR"):
-        L.training_loss(lambda x, t: x, x0, np.array([10, 999]), x0, z, prediction="eps")
-    res = L.training_loss(lambda x, t: x, x0, np.array([10, 999]), x0, z, prediction="v")   # v is fine there
+ZSNR = S.DiscreteSchedule(S.rescale_zero_terminal_snr(S.scaled_linear_betas(1000)))
+X0 = np.zeros((2, 3))
+IDENTITY = lambda x, t: x  # noqa: E731
+
+BAD = [
+    bad(lambda: L.training_loss(IDENTITY, X0, np.array([10, 999]), X0, ZSNR, prediction="eps"), ValueError,
+        "zero terminal SNR", "eps-at-zero-snr"),
+    bad(lambda: L.training_loss(IDENTITY, X0, np.array([1, 2]), np.zeros((2, 2)), ZSNR), ValueError, "same shape",
+        "eps-shape"),
+    bad(lambda: L.training_loss(IDENTITY, X0, np.array([1, 2, 3]), X0, ZSNR), ValueError, r"shape \(2,\)",
+        "t-length"),
+    bad(lambda: L.training_loss(IDENTITY, X0, np.array([1.5, 2.0]), X0, ZSNR), ValueError, "integer",
+        "float-index-on-a-table"),
+    bad(lambda: L.training_loss(IDENTITY, X0, np.array([0.5, 1.5]), X0, S.VPLinear()), ValueError,
+        "t must lie in", "t-outside-the-schedule"),
+    bad(lambda: L.training_loss(lambda x, t: x[:, :2], X0, np.array([1, 2]), X0, ZSNR), ValueError,
+        "model output shape", "model-output-shape"),
+    bad(lambda: L.training_loss(IDENTITY, X0, np.array([1, 2]), X0, ZSNR, reduction="max"), ValueError,
+        "reduction", "unknown-reduction"),
+    bad(lambda: L.training_loss(IDENTITY, X0, np.array([1, 2]), X0, "cosine"), ValueError, "schedule must be",
+        "schedule-not-a-schedule"),
+    bad(lambda: L.training_loss(IDENTITY, np.zeros((2, 0)), np.array([1, 2]), np.zeros((2, 0)), ZSNR), ValueError,
+        "at least one element", "examples-without-elements"),
+    bad(lambda: L.loss_weight("p2", "eps", 1.0, 1.0), ValueError, "weighting", "unknown-weighting"),
+    bad(lambda: L.loss_weight("snr", "noise", 1.0, 1.0), ValueError, "prediction", "unknown-prediction"),
+    bad(lambda: L.loss_weight("elbo", "eps", 1.0, 1.0), ValueError, "dlog_snr_dt", "elbo-without-derivative"),
+    bad(lambda: L.loss_weight("min_snr", "eps", 0.6, 0.8, gamma=-1.0), ValueError, "gamma", "min-snr-gamma"),
+    bad(lambda: L.UniformTime().sample([1.0]), ValueError, r"\[0, 1\)", "uniform-of-1"),
+    bad(lambda: L.UniformTime(0.5, 0.2), ValueError, "t_max > t_min", "uniform-range"),
+    bad(lambda: L.LogNormalSigma(p_std=0.0), ValueError, "p_std", "lognormal-std-0"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
+
+
+def test_zero_terminal_snr_trains_v_prediction():
+    res = L.training_loss(IDENTITY, X0, np.array([10, 999]), X0, ZSNR, prediction="v")
     assert np.all(np.isfinite(res.loss))
-    with pytest.raises(ValueError, match="same shape"):
-        L.training_loss(lambda x, t: x, x0, np.array([1, 2]), np.zeros((2, 2)), z)
-    with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        L.training_loss(lambda x, t: x, x0, np.array([1, 2, 3]), x0, z)
-    with pytest.raises(ValueError, match="model output shape"):
-        L.training_loss(lambda x, t: x[:, :2], x0, np.array([1, 2]), x0, z)
-    with pytest.raises(ValueError, match="weighting"):
-        L.loss_weight("p2", "eps", 1.0, 1.0)
-    with pytest.raises(ValueError, match="dlog_snr_dt"):
-        L.loss_weight("elbo", "eps", 1.0, 1.0)
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        L.UniformTime().sample([1.0])
-    assert EPS64 > 0
+
+
+def test_empty_batch_and_low_precision_inputs():
+    """An empty batch gives an empty loss; float16 / integer data compute and return float64."""
+    res = L.training_loss(IDENTITY, np.zeros((0, 3)), np.zeros(0), np.zeros((0, 3)), S.VPLinear())
+    assert res.loss.shape == (0,) and res.x_t.shape == (0, 3)
+    x16 = np.ones((2, 3), dtype=np.float16)
+    assert L.training_loss(IDENTITY, x16, np.array([0.3, 0.6]), x16, S.VPLinear()).loss.dtype == np.float64

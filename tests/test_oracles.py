@@ -10,6 +10,7 @@ from refdiff import schedules as S
 from refdiff import selfcheck as C
 from refdiff.oracles import FiniteAtoms, GaussianData, GaussianMixture
 from strategies import spd_matrices
+from bad_inputs import bad, refused
 from tolerances import EPS64, fd_tolerance, z_bound
 
 TWEEDIE_RTOL = 1e-12
@@ -173,29 +174,41 @@ def test_atoms_denoiser_limits():
     np.testing.assert_allclose(far[0], atoms.weights @ p, rtol=1e-14)
 
 
-def test_bad_input():
-    with pytest.raises(ValueError, match="positive definite"):
-        GaussianData([0.0, 0.0], [[1.0, 2.0], [2.0, 1.0]])
-    with pytest.raises(ValueError, match="symmetric"):
-        GaussianData([0.0, 0.0], [[1.0, 0.5], [0.0, 1.0]])
-    with pytest.raises(ValueError, match=r"shape \(2, 3, 3\)"):
-        GaussianMixture([0.5, 0.5], np.zeros((2, 3)), np.stack([np.eye(2)] * 2))
-    with pytest.raises(ValueError, match="positive"):
-        GaussianMixture([0.5, -0.5], np.zeros((2, 1)), np.ones((2, 1, 1)))
-    with pytest.raises(ValueError, match="one entry per component"):
-        GaussianMixture([1.0], np.zeros((2, 1)), np.ones((2, 1, 1)))
-    with pytest.raises(ValueError, match="every class"):
-        GaussianMixture([0.5, 0.5], np.zeros((2, 1)), np.ones((2, 1, 1)), labels=[0, 2])
-    g = ORACLES["gaussian"]
-    with pytest.raises(ValueError, match=r"shape \(B, 3\)"):
-        g.denoise(np.zeros((2, 2)), 1.0, 0.5)
-    with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        g.denoise(np.zeros((2, 3)), np.ones(3), 0.5)
-    with pytest.raises(ValueError, match="sigma > 0"):
-        ORACLES["atoms"].denoise(np.zeros((1, 3)), 1.0, 0.0)
-    with pytest.raises(ValueError, match="Generator"):
-        g.sample(3, 0)
-    with pytest.raises(ValueError, match="class"):
-        ORACLES["gmm"].conditional(5)
-    with pytest.raises(ValueError, match="non-negative"):
-        g.score(np.zeros((1, 3)), -1.0, 0.5)
+G3 = ORACLES["gaussian"]
+
+BAD = [
+    bad(lambda: GaussianData([0.0, 0.0], [[1.0, 2.0], [2.0, 1.0]]), ValueError, "positive definite", "cov-indefinite"),
+    bad(lambda: GaussianData([0.0, 0.0], [[1.0, 0.5], [0.0, 1.0]]), ValueError, "symmetric", "cov-asymmetric"),
+    bad(lambda: GaussianData(np.zeros((1, 2)), np.eye(2)), ValueError, "dimension", "mean-2-D"),
+    bad(lambda: GaussianData(np.zeros(2), np.full((2, 2), np.nan)), ValueError, "finite", "cov-nan"),
+    bad(lambda: GaussianMixture([0.5, 0.5], np.zeros((2, 3)), np.stack([np.eye(2)] * 2)), ValueError,
+        r"shape \(2, 3, 3\)", "gmm-cov-shape"),
+    bad(lambda: GaussianMixture([0.5, -0.5], np.zeros((2, 1)), np.ones((2, 1, 1))), ValueError, "positive",
+        "gmm-negative-weight"),
+    bad(lambda: GaussianMixture([0.0, 0.0], np.zeros((2, 1)), np.ones((2, 1, 1))), ValueError, "positive",
+        "gmm-zero-weights"),
+    bad(lambda: GaussianMixture([1.0], np.zeros((2, 1)), np.ones((2, 1, 1))), ValueError, "one entry per component",
+        "gmm-weights-length"),
+    bad(lambda: GaussianMixture([0.5, 0.5], np.zeros((2, 1)), np.ones((2, 1, 1)), labels=[0, 2]), ValueError,
+        "every class", "gmm-missing-class"),
+    bad(lambda: FiniteAtoms(np.zeros((0, 2))), ValueError, "at least one point", "atoms-empty"),
+    bad(lambda: FiniteAtoms(np.zeros((2, 2)), weights=[1.0, -1.0]), ValueError, "positive", "atoms-negative-weight"),
+    bad(lambda: G3.denoise(np.zeros((2, 2)), 1.0, 0.5), ValueError, r"shape \(B, 3\)", "denoise-dimension"),
+    bad(lambda: G3.denoise(np.zeros(3), 1.0, 0.5), ValueError, r"shape \(B, 3\)", "denoise-1-D-x"),
+    bad(lambda: G3.denoise(np.zeros((2, 3)), np.ones(3), 0.5), ValueError, r"shape \(2,\)", "denoise-alpha-length"),
+    bad(lambda: ORACLES["atoms"].denoise(np.zeros((1, 3)), 1.0, 0.0), ValueError, "sigma > 0", "atoms-sigma-0"),
+    bad(lambda: G3.score(np.zeros((1, 3)), -1.0, 0.5), ValueError, "non-negative", "score-negative-alpha"),
+    bad(lambda: G3.sample(3, 0), ValueError, "Generator", "sample-int-rng"),
+    bad(lambda: G3.sample(-1, np.random.default_rng(0)), ValueError, ">= 0", "sample-negative-n"),
+    bad(lambda: G3.sample(2.5, np.random.default_rng(0)), ValueError, "integer", "sample-float-n"),
+    bad(lambda: ORACLES["gmm"].conditional(5), ValueError, "class", "unknown-class"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
+
+
+def test_empty_batches():
+    assert G3.denoise(np.zeros((0, 3)), 1.0, 0.5).shape == (0, 3)
+    assert G3.sample(0, np.random.default_rng(0)).shape == (0, 3)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from refdiff import parametrization as P
 from refdiff import schedules as S
+from bad_inputs import bad, refused
 from strategies import batches, levels
 from tolerances import EPS64
 
@@ -54,16 +55,32 @@ def test_zero_terminal_snr_rules():
         P.to_x0_eps(x, "x0", x, 1.0, 0.0)
 
 
-def test_bad_input():
-    x = np.ones((2, 3))
-    with pytest.raises(ValueError, match="prediction type"):
-        P.to_x0_eps(x, "epsilon", x, 1.0, 1.0)
-    with pytest.raises(ValueError, match="same shape"):
-        P.to_x0_eps(np.ones((2, 2)), "eps", x, 1.0, 1.0)
-    with pytest.raises(ValueError, match="alpha >= 0"):
-        P.from_x0_eps(x, x, "v", -1.0, 1.0)
-    with pytest.raises(ValueError, match="positive"):
-        P.edm_precond(0.0)
+X = np.ones((2, 3))
+
+BAD = [
+    bad(lambda: P.to_x0_eps(X, "epsilon", X, 1.0, 1.0), ValueError, "prediction type", "unknown-prediction"),
+    bad(lambda: P.to_x0_eps(np.ones((2, 2)), "eps", X, 1.0, 1.0), ValueError, "same shape", "output-shape"),
+    bad(lambda: P.to_x0_eps(X, "eps", X, np.ones(3), 1.0), ValueError, r"shape \(2,\)", "per-row-alpha-length"),
+    bad(lambda: P.to_x0_eps(X, "eps", X, 0.0, 1.0), ValueError, "SNR = 0", "eps-at-zero-snr"),
+    bad(lambda: P.to_x0_eps(X, "score", X, 0.0, 1.0), ValueError, "SNR = 0", "score-at-zero-snr"),
+    bad(lambda: P.to_x0_eps(X, "x0", X, 1.0, 0.0), ValueError, "sigma = 0", "x0-at-sigma-0"),
+    bad(lambda: P.to_x0_eps(X, "flow", X, 0.0, 0.0), ValueError, "not both zero", "flow-alpha-sigma-0"),
+    bad(lambda: P.from_x0_eps(X, X, "v", -1.0, 1.0), ValueError, "alpha >= 0", "negative-alpha"),
+    bad(lambda: P.from_x0_eps(X, X, "score", 1.0, 0.0), ValueError, "sigma = 0", "score-target-at-sigma-0"),
+    bad(lambda: P.convert(X, "eps", "noise", X, 0.6, 0.8), ValueError, "prediction type", "convert-unknown"),
+    bad(lambda: P.edm_precond(0.0), ValueError, "positive", "edm-sigma-0"),
+    bad(lambda: P.edm_precond(1.0, sigma_data=0.0), ValueError, "sigma_data", "edm-sigma_data-0"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
+
+
+def test_conversions_return_float64_for_any_real_input():
+    x = np.ones((2, 3), dtype=np.float16)
+    assert P.to_x0_eps(x, "v", x, 0.6, 0.8)[0].dtype == np.float64
+    assert P.from_x0_eps(x.astype(np.int64), x, "flow", 0.6, 0.8).dtype == np.float64
 
 
 def test_edm_preconditioning_table_1():

@@ -5,6 +5,7 @@ import pytest
 
 from refdiff import rng
 from refdiff import selfcheck as C
+from bad_inputs import bad, refused
 from tolerances import z_bound
 
 SEEDS = [0, 1, 12345, 2 ** 31 + 3, 2 ** 32 + 7, 2 ** 62 + 11]
@@ -44,15 +45,23 @@ def test_offsets_select_counters_independently_of_batching():
     assert rng.philox_uniform(3, np.zeros((0,), np.int64)).shape == (0,)
 
 
-def test_bad_input():
-    with pytest.raises(ValueError, match="seed"):
-        rng.philox_uniform(-1, [0])
-    with pytest.raises(ValueError, match="seed"):
-        rng.philox_uniform(2 ** 63, [0])
-    with pytest.raises(ValueError, match="non-negative"):
-        rng.philox_uniform(0, [-1])
-    with pytest.raises(ValueError, match="integers"):
-        rng.philox_uniform(0, [0.5])
+BAD = [
+    bad(lambda: rng.philox_uniform(-1, [0]), ValueError, "seed", "negative-seed"),
+    bad(lambda: rng.philox_uniform(2 ** 63, [0]), ValueError, "seed", "seed-past-2^63"),
+    bad(lambda: rng.philox_uniform(0.5, [0]), ValueError, "seed", "float-seed"),
+    bad(lambda: rng.philox_uniform(0, [-1]), ValueError, "non-negative", "negative-offset"),
+    bad(lambda: rng.philox_uniform(0, [0.5]), ValueError, "integers", "float-offset"),
+    bad(lambda: rng.philox_normal(0, [2 ** 64]), ValueError, "integers", "offset-past-2^64"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
+
+
+def test_any_offset_shape_and_the_empty_draw():
+    assert rng.philox_uniform(0, np.zeros((2, 3), dtype=np.int64)).shape == (2, 3)
+    assert rng.philox_normal(0, []).shape == (0,)
 
 
 triton_probe = pytest.importorskip("kernels.rng_probe", reason="needs torch and triton (the kernels extra)")

@@ -7,6 +7,7 @@ from scipy.integrate import solve_ivp
 from refdiff import schedules as S
 from refdiff import sde as SD
 from refdiff.oracles import GaussianData
+from bad_inputs import bad, refused
 
 SDES = {"VP": SD.VPSDE(), "subVP": SD.SubVPSDE(), "VE": SD.VESDE(), "Cosine": SD.ScheduleSDE(S.Cosine(), T=0.99),
         "EDM": SD.ScheduleSDE(S.EDM(), t_min=0.002, T=80.0), "Flow": SD.ScheduleSDE(S.RectifiedFlow(), T=0.99)}
@@ -65,6 +66,14 @@ def test_prior():
     assert SD.VESDE().prior_logp(z).shape == (4,)
 
 
-def test_bad_input():
-    with pytest.raises(ValueError, match="T > t_min"):
-        SD.ScheduleSDE(S.Cosine(), t_min=0.5, T=0.5)
+BAD = [
+    bad(lambda: SD.ScheduleSDE(S.Cosine(), t_min=0.5, T=0.5), ValueError, "T > t_min", "empty-interval"),
+    bad(lambda: SD.ScheduleSDE("cosine"), ValueError, "ContinuousSchedule", "not-a-schedule"),
+    bad(lambda: SD.VPSDE(beta_min=-1.0), ValueError, "beta_min", "vp-negative-beta"),
+    bad(lambda: SD.VESDE(sigma_min=10.0, sigma_max=1.0), ValueError, "sigma_min < sigma_max", "ve-min-above-max"),
+    bad(lambda: SD.VPSDE().f(1.5), ValueError, "t must lie in", "time-outside"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)

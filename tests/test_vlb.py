@@ -10,6 +10,7 @@ from refdiff import schedules as S
 from refdiff import selfcheck as C
 from refdiff import vlb as V
 from refdiff.oracles import GaussianData, GaussianMixture
+from bad_inputs import bad, refused
 from tolerances import z_bound
 
 QUAD_TOL = 1e-10
@@ -184,19 +185,63 @@ def test_bits_per_dim():
     assert V.bits_per_dim(3 * np.log(2.0), 3, n_levels=1, data_range=1) == pytest.approx(1.0)
 
 
-def test_bad_input():
-    d = DDPM10
-    x0 = np.zeros((2, 3))
-    model = lambda x, i: np.zeros_like(x)  # noqa: E731
-    with pytest.raises(ValueError, match="one draw per step"):
-        V.ddpm_vlb_terms(d, x0, model, np.zeros((9, 2, 3)))
-    with pytest.raises(ValueError, match="variance"):
-        V.ddpm_vlb_terms(d, x0, model, np.zeros((10, 2, 3)), variance="learned")
-    with pytest.raises(ValueError, match="variance_values"):
-        V.ddpm_vlb_terms(d, x0, model, np.zeros((10, 2, 3)), variance="learned_range")
-    with pytest.raises(ValueError, match="finite log-SNR"):
-        V.vdm_prior_term(S.VPLinear(), x0)
-    with pytest.raises(ValueError, match="lie in"):
-        V.discretized_gaussian_log_likelihood(1.5, 0.0, 0.0)
-    with pytest.raises(ValueError, match=r"\[1, 10\]"):
-        V.vdm_discrete_diffusion_term(VDM, x0, np.array([0, 3]), 10, x0, model)
+X0 = np.zeros((2, 3))
+ZERO_MODEL = lambda x, i: np.zeros_like(x)  # noqa: E731
+ON_GRID = -1 + 2 / 255 * 100
+
+BAD = [
+    bad(lambda: V.ddpm_vlb_terms(DDPM10, X0 + ON_GRID, ZERO_MODEL, np.zeros((9, 2, 3))), ValueError,
+        "one draw per step", "ddpm-eps-steps"),
+    bad(lambda: V.ddpm_vlb_terms(DDPM10, X0, ZERO_MODEL, np.zeros((10, 2, 3)), variance="learned"), ValueError,
+        "variance", "ddpm-unknown-variance"),
+    bad(lambda: V.ddpm_vlb_terms(DDPM10, X0, ZERO_MODEL, np.zeros((10, 2, 3)), variance="learned_range"),
+        ValueError, "variance_values", "ddpm-learned-without-values"),
+    bad(lambda: V.ddpm_vlb_terms(DDPM10, X0, ZERO_MODEL, np.zeros((10, 2, 3)), decoder="laplace"), ValueError,
+        "decoder", "ddpm-unknown-decoder"),
+    bad(lambda: V.ddpm_vlb_terms(DDPM10, X0 + 0.3, ZERO_MODEL, np.zeros((10, 2, 3))), ValueError,
+        "between levels", "ddpm-off-grid-data"),
+    bad(lambda: V.vdm_prior_term(S.VPLinear(), X0), ValueError, "finite log-SNR", "vdm-infinite-log-snr"),
+    bad(lambda: V.vdm_prior_term(S.VE(), X0), ValueError, "variance-preserving", "vdm-of-VE"),
+    bad(lambda: V.discretized_gaussian_log_likelihood(1.5, 0.0, 0.0), ValueError, "lie in", "decoder-outside"),
+    bad(lambda: V.discretized_gaussian_log_likelihood(0.0, 0.0, 0.0), ValueError, "between levels",
+        "decoder-off-grid"),
+    bad(lambda: V.discretized_gaussian_log_likelihood(ON_GRID, 0.0, 0.0, half_bin=0.0), ValueError, "half_bin",
+        "decoder-bin-0"),
+    bad(lambda: V.vdm_discrete_diffusion_term(VDM, X0, np.array([0, 3]), 10, X0, ZERO_MODEL), ValueError,
+        r"\[1, 10\]", "vdm-index-0"),
+    bad(lambda: V.vdm_discrete_diffusion_term(VDM, X0, np.array([1, 2]), 2.5, X0, ZERO_MODEL), ValueError,
+        "integer", "vdm-T-float"),
+    bad(lambda: V.vdm_discrete_diffusion_term(VDM, X0, np.array([1.0, 2.0]), 10, X0, ZERO_MODEL), ValueError,
+        "integers", "vdm-float-indices"),
+    bad(lambda: V.vdm_diffusion_term(VDM, X0, np.array([0.5]), X0, ZERO_MODEL), ValueError, r"shape \(2,\)",
+        "vdm-t-length"),
+    bad(lambda: V.vdm_diffusion_term(VDM, X0[:, 0], np.array([0.5, 0.5]), X0[:, 0], ZERO_MODEL), ValueError,
+        "data axis", "vdm-1-D-data"),
+    bad(lambda: V.vdm_diffusion_term(VDM, X0, np.array([0.5, 0.5]), X0, lambda z, t: z[:, :1]), ValueError,
+        "eps_hat returned shape", "vdm-eps_hat-shape"),
+    bad(lambda: V.gaussian_vdm_elbo(VDM, GAUSS, X0, T=2.5), ValueError, "integer", "vdm-exact-T-float"),
+    bad(lambda: V.normal_kl(np.zeros(2), 0.0, np.zeros(3), 0.0), ValueError, "broadcast", "kl-shapes"),
+    bad(lambda: V.bits_per_dim(1.0, 0), ValueError, ">= 1", "bits-dims-0"),
+    bad(lambda: V.bits_per_dim(1.0, 2.5), ValueError, "integer", "bits-dims-float"),
+]
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    refused(call, error, match)
+
+
+def test_kl_against_a_point_mass_is_infinite_not_nan():
+    """KL(N(m, v) || N(m2, 0)) = +inf (the formula's 0 * inf would be NaN when the means agree), 0 against the same
+    point mass; NaN in stays NaN."""
+    assert V.normal_kl(0.0, 0.0, 0.0, -np.inf) == np.inf
+    assert V.normal_kl(1.0, 0.0, 0.0, -np.inf) == np.inf
+    assert V.normal_kl(0.0, -np.inf, 0.0, 0.0) == np.inf
+    assert V.normal_kl(0.5, -np.inf, 0.5, -np.inf) == 0.0
+    assert V.normal_kl(0.5, -np.inf, 0.7, -np.inf) == np.inf
+    assert np.isnan(V.normal_kl(np.nan, 0.0, 0.0, -np.inf))
+
+
+def test_vdm_terms_of_an_empty_batch_are_empty():
+    e = np.zeros((0, 3))
+    assert V.vdm_diffusion_term(VDM, e, np.zeros(0), e, ZERO_MODEL).shape == (0,)
+    assert V.vdm_discrete_diffusion_term(VDM, e, np.zeros(0, int), 10, e, ZERO_MODEL).shape == (0,)
