@@ -1,5 +1,5 @@
 """Attention forward and forward + backward: ours against every torch SDPA backend forced one at a time (cuDNN,
-flash, efficient), measured side by side in one run, at the diffusion shapes of DESIGN.md §5b.
+flash, efficient), measured side by side in one run, at the diffusion shapes of README, "Kernels and benchmarks".
 
 TFLOP/s use the true head dim (4 B H N_q N_k d for the forward, 2.5x that for forward + backward); latency-bound
 shapes also report the byte floor (q, k, v read once, the output written once) in microseconds at the measured copy

@@ -1,4 +1,4 @@
-"""Fused sampler step vs what users pay today, measured side by side in one run (DESIGN.md §5b).
+"""Fused sampler step vs what users pay today, measured side by side in one run (README, "Kernels and benchmarks").
 
 Per size (16K, 65K, 262K, 4.8M, 64M elements) and dtype (fp32, fp16, bf16):
   ceiling      torch copy_ of the tensor (device-to-device bandwidth) and a trivial Triton kernel's launch time

@@ -1,4 +1,4 @@
-"""Flash attention forward in Triton for diffusion shapes (DESIGN.md §5b): online softmax, any strides (the
+"""Flash attention forward in Triton for diffusion shapes (README, "Kernels and benchmarks"): online softmax, any strides (the
 (B, N, H, d) layout diffusers uses is read in place), any N_q / N_k (masked tails; N_k = 77 cross-attention),
 head dims up to 256 including 40, 72, 80, 160 without padding to the next power of two, fp16 / bf16 / fp32
 (fp32 with an explicit input_precision), and the log-sum-exp.

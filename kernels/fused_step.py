@@ -1,4 +1,4 @@
-"""Fused sampler step: one pass over memory applies one refdiff StepCoeffs stage (DESIGN.md §3).
+"""Fused sampler step: one pass over memory applies one refdiff StepCoeffs stage (README, "The sampler interface").
 
     m      = m_u + w (m_c - m_u)                        (classifier-free guidance, when m_c is given)
     D      = c_x x + c_m m                              (model output -> data prediction)

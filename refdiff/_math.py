@@ -1,4 +1,4 @@
-"""Cancellation-free elementary functions used throughout the reference (DESIGN.md §2).
+"""Cancellation-free elementary functions used throughout the reference (README, "Conventions").
 
 softplus(x) = log(1 + e^x), log_sigmoid(x) = -softplus(-x), log1mexp(x) = log(1 - e^x) for x <= 0.
 """

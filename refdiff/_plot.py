@@ -16,13 +16,31 @@ def pyplot():
     return plt
 
 
-def finish(fig, ax, path, xlabel: str, ylabel: str, title: str, legend_size: int = 7, ncol: int = 1):
-    """Label, grid and legend the axes, write the figure to ``path`` and close it; returns ``path``."""
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def styles(n: int) -> list:
+    """n distinct (color, marker, linestyle) triples for one figure: 20 colours (tab20, dark and light of 10 hues)
+    times 12 markers times 4 line styles, no two lines alike for up to 240 lines."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return [(cmap(k % 20), MARKERS[k % len(MARKERS)], LINESTYLES[(k // 20) % len(LINESTYLES)]) for k in range(n)]
+
+
+def finish(fig, ax, path, xlabel: str, ylabel: str, title: str, legend_size: int = 8, ncol: int = 1,
+           outside: bool = False):
+    """Label, grid and legend the axes, write the figure to ``path`` and close it; returns ``path``. ``outside``
+    puts the legend to the right of the axes, where many entries do not cover the lines."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=legend_size, ncol=ncol)
+    if outside:
+        ax.legend(fontsize=legend_size, ncol=ncol, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    else:
+        ax.legend(fontsize=legend_size, ncol=ncol)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     pyplot().close(fig)

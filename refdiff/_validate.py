@@ -1,4 +1,4 @@
-"""Argument checks shared by the reference (DESIGN.md §6): clear errors before any compute.
+"""Argument checks shared by the reference (README, "Bad input"): clear errors before any compute.
 
 Every public function converts its inputs here, so the rules (float64, finite where required, shapes named
 in the message) are written once.

@@ -1,6 +1,6 @@
 """Converters between the conventions of other libraries, said once and tested by round trips.
 
-refdiff's own conventions (DESIGN.md §2): discrete index i in {0..T-1} is the paper's x_{i+1}; log_snr is the
+refdiff's own conventions (README, "Conventions"): discrete index i in {0..T-1} is the paper's x_{i+1}; log_snr is the
 full log(alpha^2 / sigma^2); VP marginals x = alpha x0 + sigma eps; guidance weight w of Ho & Salimans.
 
 | quantity            | refdiff                | other conventions                                          |

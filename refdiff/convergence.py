@@ -15,7 +15,7 @@ import numpy as np
 
 from . import schedules as S
 from ._io import check_output_dir, write_text
-from ._plot import finish, pyplot
+from ._plot import finish, pyplot, styles
 from .oracles import GaussianMixture
 from .parametrization import from_x0_eps
 from .samplers import (DDIM, DEIS, DPM2, LMS, RK4, DPMSolver, DPMSolverPP, DPMSolverPPSinglestep, Euler, Grid, Heun,
@@ -29,7 +29,7 @@ __all__ = ["ODE_NS", "SDE_NS", "ORDER_TOL", "STRONG_TOL", "Problem", "default_pr
 ODE_NS = (64, 128, 256, 512)     # past diffusers' lower_order_final threshold, in the asymptotic range
 SDE_NS = (16, 32, 64, 128, 256)
 SDE_FINE = 2 ** 13
-ORDER_TOL = 0.1                  # |measured - declared| for ODE samplers (issue acceptance)
+ORDER_TOL = 0.1                  # |measured - declared| for ODE samplers (README, "Tests and tolerances")
 STRONG_TOL = 0.2                 # for the strong order of SDE samplers
 SCHEMA = "refdiff.order/1"
 
@@ -84,10 +84,11 @@ def ode_errors(sampler, problem: Problem, Ns=ODE_NS, exact_warmup: bool = False)
         grid, x, state = problem.grid(n), problem.x, None
         if exact_warmup:
             for j in range((sampler.order or 1) - 1):
-                state = sample(sampler, model, grid, x, state=state, steps=1).state
+                state = sample(sampler, model, grid, x, state=state, steps=1, progress=False).state
                 x = pf_ode_solve(problem.schedule, problem.data.denoise, problem.x, problem.t0,
                                  float(grid.levels[j + 1].t), method="DOP853", rtol=1e-13)
-        errs.append(float(np.abs(sample(sampler, model, grid, x, state=state).x - problem.reference).max()))
+        errs.append(float(np.abs(sample(sampler, model, grid, x, state=state, progress=False).x
+                                   - problem.reference).max()))
     return errs
 
 
@@ -109,7 +110,8 @@ def strong_errors(problem: Problem, Ns=SDE_NS, n_fine: int = SDE_FINE, n_paths: 
     def run(n):
         k = n_fine // n
         z = dW.reshape(n, k, n_paths, D).sum(axis=1) / np.sqrt(np.abs(np.diff(t[::k])))[:, None, None]
-        return sample(ReverseEulerMaruyama(), model, Grid.from_times(problem.schedule, t[::k]), x, noise=z).x
+        return sample(ReverseEulerMaruyama(), model, Grid.from_times(problem.schedule, t[::k]), x, noise=z,
+                      progress=False).x
 
     ref = run(n_fine)
     return [float(np.sqrt(np.mean(np.sum((run(n) - ref) ** 2, axis=1)))) for n in Ns]
@@ -141,6 +143,8 @@ def order_table(problem: Problem | None = None, samplers=None, Ns=ODE_NS, includ
             progress(smp.name)
     if include_sde:
         errs = strong_errors(problem)
+        if progress is not None:
+            progress("ReverseEulerMaruyama")
         measured = fitted_order(SDE_NS, errs)
         want = ReverseEulerMaruyama.strong_order
         cases.append({"sampler": "ReverseEulerMaruyama", "kind": "SDE strong", "declared_step_order": want,
@@ -164,16 +168,16 @@ def order_markdown(cases) -> str:
 
 
 def plot_orders(cases, path: Path):
+    """Log-log error against steps, one line per sampler with its fitted order (distinct colour, marker, style)."""
     plt = pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    styles = ["-", "--", ":", "-."]
-    for k, c in enumerate(cases):
-        ax.loglog(c["steps"], c["errors"], marker="o", ms=3, ls=styles[(k // 10) % 4],
-                  label=f"{c['sampler']} ({c['measured']:.2f})")
+    fig, ax = plt.subplots(figsize=(11, 6))
+    for c, (color, marker, ls) in zip(cases, styles(len(cases))):
+        ax.loglog(c["steps"], c["errors"], marker=marker, ms=4, ls=ls, color=color,
+                  label=f"{c['sampler']} ({c['measured']:.2f}, declared {c['declared']})")
     return finish(fig, ax, path, "steps N", "global error (max abs)",
-                  "convergence against solve_ivp DOP853 (fitted order in the legend)", ncol=2)
+                  "convergence against solve_ivp DOP853 (fitted order, declared order)", outside=True)
 
 
 def write_order(cases, out_dir, env: dict) -> list:

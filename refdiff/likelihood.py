@@ -60,6 +60,11 @@ def pf_ode_log_likelihood(x0, sde: SDE, score_fn: Callable, *, divergence_fn: Ca
         and the Hutchinson estimate eps^T H eps is used, with H eps from ``hvp_fn(x, t, eps)`` or by a central
         difference of score_fn (step FD_STEP, error O(FD_STEP^2)).
     prior_logp : z (B, D) -> log p_{t1}(z) (B,); default the SDE's prior
+    t0 : the start time, default ``sde.t_min`` (0 for the VP / sub-VP / VE SDEs). At sigma(t0) = 0 the marginal is
+        the data law itself: exact for smooth data such as the Gaussian oracles, but the score of discrete or
+        low-dimensional data is infinite there. Such a start is refused with a ValueError naming what to pass:
+        t0 = 1e-5 (Song et al. 2021, App. D; then log p_{t0} is the likelihood of the slightly noised data, and a
+        dequantization / decoder term gives bits per dimension).
     """
     x0 = as_f64(x0, "x0", ndim=2, finite=True)
     B, D = x0.shape
@@ -77,6 +82,16 @@ def pf_ode_log_likelihood(x0, sde: SDE, score_fn: Callable, *, divergence_fn: Ca
     else:
         P = 1
     prior_logp = sde.prior_logp if prior_logp is None else prior_logp
+    with np.errstate(all="ignore"):
+        try:
+            start = as_f64(score_fn(x0, t0), "score")
+        except (ValueError, ZeroDivisionError, FloatingPointError) as exc:
+            start, reason = None, f"{type(exc).__name__}: {exc}"
+    if start is None or not np.all(np.isfinite(start)):
+        why = reason if start is None else "non-finite values"
+        raise ValueError(f"the score at t0 = {t0:g} (sigma = {float(sde.sigma(t0)):.3g}) gives {why}: at sigma = 0 the "
+                         "marginal is the data law, whose score is infinite for discrete or low-dimensional data; "
+                         "start the ODE at a small positive time, e.g. t0=1e-5 (Song et al. 2021, App. D)")
 
     def div_score(x, t):
         if divergence_fn is not None:

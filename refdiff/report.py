@@ -19,8 +19,8 @@ from . import schedules as S
 from . import selfcheck as C
 from ._env import env_info
 from ._io import check_output_dir, write_text
-from ._plot import finish, pyplot
-from ._progress import progress_bar
+from ._plot import finish, pyplot, styles
+from ._progress import progress_bar, ticker
 from .oracles import FiniteAtoms, GaussianData, GaussianMixture
 
 __all__ = ["SCHEMA", "run_report", "write_report", "continuous_families", "discrete_tables"]
@@ -143,40 +143,49 @@ def _likelihood_cases(rng):
                     f"|z| <= {z_max:.2f} (false failure < {C.FALSE_FAILURE:g})", z <= z_max)
 
 
-def _sampler_cases(store: dict):
-    from .convergence import order_table
+def _sampler_cases(store: dict, progress=None):
+    from .convergence import ode_samplers, order_table
 
-    table = order_table()
+    bar = progress_bar(len(ode_samplers()) + 1, "  samplers", progress, leave=False)
+    table = order_table(progress=ticker(bar))
+    if bar is not None:
+        bar.close()
     store["orders"] = table
     for c in table:
         yield _case("samplers", f"convergence order: {c['sampler']} ({c['kind']})",
                     {"declared": float(c["declared"]), "measured": c["measured"]}, c["rule"], c["verdict"] == "pass")
 
 
-def _conformance_cases(store: dict):
+def _conformance_cases(store: dict, progress=None):
     """diffusers' schedulers against the reference (quick grid). A discrepancy explained by a confirmed hypothesis
     (a known diffusers bug) is a finding, reported; an unexplained one is a verification failure."""
+    bar = None
     try:
         from .check.runner import case_label, run_check
 
-        doc = run_check("diffusers", quick=True)
+        bar = progress_bar(0, "  conformance", progress, leave=False)
+        doc = run_check("diffusers", quick=True, progress=ticker(bar),
+                        on_total=None if bar is None else (lambda n: bar.reset(total=n)))
         store["conformance"] = [{k: c.get(k) for k in ("scheduler", "variant", "beta_schedule", "timestep_spacing",
                                                         "steps", "prediction_type", "dtype", "per_step_ratio",
-                                                        "end_to_end_max_abs", "nonfinite", "verdict", "finding")}
+                                                        "end_to_end_max_abs", "nonfinite", "verdict", "findings")}
                                 for c in doc["cases"]]
     except Exception as exc:                       # diffusers / torch absent
         yield {"group": "conformance", "name": "diffusers schedulers", "metric": {}, "rule": "refdiff check",
                "verdict": "not run", "detail": f"{type(exc).__name__}: {exc}"}
         return
+    finally:
+        if bar is not None:
+            bar.close()
     for name in dict.fromkeys(case_label(c) for c in doc["cases"]):
         cs = [c for c in doc["cases"] if case_label(c) == name]
         agree = sum(c["verdict"] == "pass" for c in cs)
-        explained = [c for c in cs if c["verdict"] == "fail" and c.get("finding", "").startswith("explained")]
-        findings = "; ".join(dict.fromkeys(c["finding"] for c in explained))
+        known = [c for c in cs if c["verdict"] == "known"]
+        findings = "; ".join(dict.fromkeys(f"[{f['id']}] {f['summary']}" for c in known for f in c["findings"]))
         case = _case("conformance", f"diffusers {name}", {"cases": len(cs), "agree": agree,
-                                                          "explained_findings": len(explained)},
+                                                          "explained_findings": len(known)},
                      "agree to float32 rounding, or the discrepancy explained by a confirmed hypothesis",
-                     agree + len(explained) == len(cs))
+                     agree + len(known) == len(cs))
         if findings:
             case["detail"] = findings
         yield case
@@ -231,17 +240,19 @@ def run_report(seed: int = 0, progress: bool | None = None) -> dict:
     extra = {}
     groups = [("schedules", _schedule_cases), ("oracles", lambda: _oracle_cases(rng)),
               ("objectives", lambda: _objective_cases(rng)), ("likelihood", lambda: _likelihood_cases(rng)),
-              ("samplers", lambda: _sampler_cases(extra)), ("conformance", lambda: _conformance_cases(extra)),
+              ("samplers", lambda: _sampler_cases(extra, progress)),
+              ("conformance", lambda: _conformance_cases(extra, progress)),
               ("kernels", _kernel_cases),
               ("rng", _rng_cases)]
     cases, seconds = [], {}
     bar = progress_bar(len(groups), "refdiff report", progress)
-    for name, fn in groups:
+    for name, fn in groups:             # one bar over the groups; the long groups show their own, cleared after
+        if bar is not None:
+            bar.set_postfix_str(name)
         t0 = time.perf_counter()
         cases.extend(fn())
         seconds[name] = round(time.perf_counter() - t0, 3)
         if bar is not None:
-            bar.set_postfix_str(name)
             bar.update(1)
     if bar is not None:
         bar.close()
@@ -282,7 +293,9 @@ def write_report(report: dict, out_dir) -> list[Path]:
              f"refdiff {report['refdiff_version']}, Python {report['env']['python']}, numpy "
              f"{report['env']['numpy']}, scipy {report['env']['scipy']}, device {report['env']['device']}, "
              f"Triton interpreter {'on' if report['env']['triton_interpret'] else 'off'}.", "",
-             f"{n_pass} of {len(report['cases'])} cases pass.", ""]
+             f"{n_pass} of {len(report['cases'])} cases pass"
+             + (f", {sum(c['verdict'] == 'not run' for c in report['cases'])} not run (their extra is not installed)"
+                if any(c["verdict"] == "not run" for c in report["cases"]) else "") + ".", ""]
     for group in dict.fromkeys(c["group"] for c in report["cases"]):
         lines += [f"## {group}", "", "| case | measured | rule | verdict |", "|---|---|---|---|"]
         for c in report["cases"]:
@@ -317,11 +330,11 @@ def _findings_markdown(cases) -> list:
     """The diffusers discrepancies of the quick grid: configuration, worst per-step ratio to the rule, explanation."""
     from .check.runner import case_label
 
-    bad = [c for c in cases if c["verdict"] == "fail"]
+    bad = [c for c in cases if c["verdict"] != "pass"]
     lines = ["## diffusers findings", "",
              f"{len(cases) - len(bad)} of {len(cases)} scheduler configurations agree with refdiff to float32 "
-             "rounding (rule: per step |diffusers - refdiff| <= 4 u x the running rounding bound of the step; "
-             "`refdiff check diffusers` runs the full grid).", ""]
+             "rounding (rule: per step |diffusers - refdiff| <= 4 u x the running rounding bound of the step; the "
+             "schedule and the grid within their float32 bounds; `refdiff check diffusers` runs the full grid).", ""]
     if not bad:
         return lines
     lines += ["| scheduler | configuration | worst step ratio | non-finite | finding |", "|---|---|---|---|---|"]
@@ -331,46 +344,67 @@ def _findings_markdown(cases) -> list:
         worst = f"{max(ratios):.3g}" if ratios else "nan"
         lines.append(f"| {name} | {c['beta_schedule']}, {c['timestep_spacing']}, {c['steps']} steps, "
                      f"{c['prediction_type']}, {c['dtype']} | {worst} | {c.get('nonfinite', 0)} | "
-                     f"{_cell(c.get('finding', ''))} |")
+                     f"{_cell(_finding_text(c))} |")
     return lines + [""]
 
 
+def _finding_text(case) -> str:
+    return "; ".join(f"{'explained' if f['explained'] else 'UNEXPLAINED'} [{f['id']}] {f['summary']}"
+                     for f in case.get("findings") or [])
+
+
 def _plot_findings(cases, path: Path):
-    """Per-step ratio to the rule (log scale): one representative (the longest run) of each kind of disagreement,
-    against the agreeing cases' envelope; a non-finite step is marked at the top of the axis."""
+    """Per-step ratio to the rule (log scale): one representative (the longest run) of each kind of finding, against
+    the agreeing cases' envelope; a non-finite step is marked at the top of the axis."""
     from .check.runner import findings_by_kind
 
     plt = pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, ax = plt.subplots(figsize=(14, 5.5))
     ok = [r for c in cases if c["verdict"] == "pass" for r in (c.get("per_step_ratio") or [])]
     if ok:
         ax.axhspan(1e-6, max(ok), color="0.85", label=f"agreeing cases (max {max(ok):.2g})")
     top = 1e7
-    for (label, _), cs in findings_by_kind([c for c in cases if c.get("per_step_ratio")]).items():
+    per_step = [c for c in cases if c.get("per_step_ratio") and
+                any(f["kind"] in ("step", "nonfinite") for f in c.get("findings") or [])]
+    groups = [(k, cs) for k, cs in findings_by_kind(per_step).items()
+              if any(f["id"] == k[1] and f["kind"] in ("step", "nonfinite") for f in cs[0]["findings"])]
+    for ((label, fid), cs), (color, marker, ls) in zip(groups, styles(len(groups))):
         c = max(cs, key=lambda c: len(c["per_step_ratio"]))
         ratios = np.asarray(c["per_step_ratio"], dtype=float)
         steps = np.arange(1, len(ratios) + 1)
-        line, = ax.semilogy(steps, np.clip(np.where(np.isfinite(ratios), ratios, np.nan), 1e-6, top), marker="o",
-                            ms=3, label=f"{label}: {len(cs)} cases, e.g. {c['timestep_spacing']} {c['steps']} steps "
-                                        f"{c['prediction_type']}")
+        ax.semilogy(steps, np.clip(np.where(np.isfinite(ratios), ratios, np.nan), 1e-6, top), marker=marker, ms=4,
+                    ls=ls, color=color, label=f"{label} [{fid}]: {len(cs)} cases, e.g. {c['timestep_spacing']} "
+                                              f"{c['steps']} steps {c['prediction_type']}")
         bad = ~np.isfinite(ratios)
         if np.any(bad):
-            ax.semilogy(steps[bad], np.full(bad.sum(), top), "x", ms=8, color=line.get_color())
+            ax.semilogy(steps[bad], np.full(bad.sum(), top), "x", ms=8, color=color)
     ax.axhline(1.0, color="k", lw=1, ls="--")
     return finish(fig, ax, path, "step", "|diffusers - refdiff| / rounding bound (x: non-finite)",
-                  "diffusers against refdiff, per step (ratio <= 1: float32 rounding)", legend_size=6)
+                  "diffusers against refdiff, per step (ratio <= 1: float32 rounding)", legend_size=7, outside=True)
 
 
 def _plot_schedules(path: Path):
+    """log-SNR of every schedule the report lists: the continuous families against t (EDM, whose time is sigma, at
+    sigma log-uniform between its range's ends, t = 0 at sigma_min) and the discrete tables against i / T."""
     plt = pyplot()
     if plt is None:
         return None
     t = np.linspace(1e-3, 1 - 1e-3, 400)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, sch in continuous_families().items():
-        if not isinstance(sch, S.EDM):
-            ax.plot(t, sch.log_snr(t), label=name)
-    return finish(fig, ax, path, "t", "log SNR  log(alpha^2 / sigma^2)", "continuous schedule families",
-                  legend_size=8)
+    fams, tables = continuous_families(), discrete_tables()
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    for (name, sch), (color, _, ls) in zip(list(fams.items()) + list(tables.items()), styles(len(fams) + len(tables))):
+        if isinstance(sch, S.EDM):
+            sig = sch.sigma_min ** (1.0 - t) * sch.sigma_max ** t
+            ax.plot(t, sch.log_snr(sig), color=color, ls=ls, label=f"{name} (t: log sigma from {sch.sigma_min:g} "
+                                                                    f"to {sch.sigma_max:g})")
+        elif isinstance(sch, np.ndarray):
+            d = S.DiscreteSchedule(sch)
+            i = np.arange(d.T)
+            with np.errstate(divide="ignore"):
+                ax.plot((i + 1) / d.T, d.log_snr(i), color=color, ls=ls, label=f"discrete {name} (t = (i + 1) / T)")
+        else:
+            ax.plot(t, sch.log_snr(t), color=color, ls=ls, label=name)
+    return finish(fig, ax, path, "t", "log SNR  log(alpha^2 / sigma^2)", "schedules of the report's table",
+                  outside=True)

@@ -22,7 +22,7 @@ __all__ = [
 T_GRID = np.concatenate([[0.0, 1e-300, 1e-100, 1e-30, 1e-12, 1e-6, 1e-3], np.linspace(0.01, 0.99, 99),
                          [1 - 1e-6, 1 - 1e-9, 1 - 1e-12, 1 - 2.0 ** -52, 1 - 2.0 ** -53, 1.0]])
 EDM_T_GRID = np.concatenate([[0.0, 1e-300, 1e-12, 2e-3], np.geomspace(2e-3, 80.0, 60), [1e3, 1e12]])
-MAX_SCHEDULE_ULP = 8          # DESIGN.md §4 / issue acceptance: schedule functions within 8 ulp of mpmath
+MAX_SCHEDULE_ULP = 8          # schedule functions within 8 ulp of mpmath (README, "Tests and tolerances")
 LOG_SNR_ULP_FLOOR = 1.0       # lambda is a log of an O(1) ratio: near lambda = 0 only absolute eps is attainable
 EPS = float(np.finfo(np.float64).eps)
 FALSE_FAILURE = 1e-6          # a Monte-Carlo check may fail by chance (another seed) with at most this probability

@@ -1,4 +1,4 @@
-"""Bad-input tables (DESIGN.md §6): every public module keeps a table of calls that must fail before any compute,
+"""Bad-input tables (README, "Bad input"): every public module keeps a table of calls that must fail before any compute,
 each with the error type and a fragment of the message a user sees.
 
     BAD = [bad(lambda: f(...), ValueError, "fragment", "id"), ...]

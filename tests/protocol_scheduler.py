@@ -20,16 +20,27 @@ def _betas(config):
 
 
 class PaperDDIM:
+    """DDIM (Song et al. 2021, Eq. 12, eta = 0) with the spacings of Lin et al. 2024, Table 2."""
+
     refdiff_sampler = "ddim"
 
     def __init__(self, config, off_by_one=False):
         self.T = config["num_train_timesteps"]
         self.prediction_type = config["prediction_type"]
+        self.spacing = config.get("timestep_spacing", "linspace")
+        self.offset = config.get("steps_offset", 0)
         self.alphas_cumprod = torch.tensor(np.cumprod(1.0 - _betas(config)), dtype=torch.float32)
         self.off_by_one = off_by_one
 
+    def _spaced(self, n):
+        if self.spacing == "linspace":
+            return np.round(np.linspace(self.T - 1, 0, n))
+        if self.spacing == "leading":
+            return np.arange(n)[::-1] * (self.T // n) + self.offset
+        return np.round(np.arange(self.T, 0, -self.T / n)) - 1           # trailing
+
     def set_timesteps(self, n):
-        self.timesteps = torch.from_numpy(np.round(np.linspace(self.T - 1, 0, n)).astype(np.int64))
+        self.timesteps = torch.from_numpy(self._spaced(n).astype(np.int64))
         nxt = list(self.timesteps[1:].tolist()) + [-1]
         self._next = dict(zip(self.timesteps.tolist(), nxt))
 
@@ -53,6 +64,22 @@ def ddim(config):
 
 def ddim_off_by_one(config):
     return PaperDDIM(config, off_by_one=True)
+
+
+class IgnoresSpacing(PaperDDIM):
+    """Always linspace, whatever timestep_spacing asks: every step is right for the levels it picked."""
+
+    def _spaced(self, n):
+        return np.round(np.linspace(self.T - 1, 0, n))
+
+
+def ignores_spacing(config):
+    return IgnoresSpacing(config)
+
+
+def wrong_betas(config):
+    """Builds a linear table whatever beta_schedule asks (a copy-paste slip): right steps on the wrong schedule."""
+    return PaperDDIM({**config, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 2e-2})
 
 
 class NoSampler:

@@ -1,4 +1,4 @@
-"""hypothesis strategies bounded to the mathematical domain (DESIGN.md §4)."""
+"""hypothesis strategies bounded to the mathematical domain (README, "Tests and tolerances")."""
 
 import numpy as np
 from hypothesis import strategies as st

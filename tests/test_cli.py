@@ -132,3 +132,41 @@ def test_order_writes_table_and_plot(tmp_path):
     assert code == (cli.EXIT_FAIL if doc["verdict"] == "fail" else cli.EXIT_PASS)
     assert "| sampler |" in (tmp_path / "order.md").read_text()
     assert (tmp_path / "order.png").stat().st_size > 0
+
+
+def test_version_and_did_you_mean(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("refdiff ")
+    assert cli.main(["chek", "kernels"]) == cli.EXIT_USAGE
+    assert "did you mean 'check'" in capsys.readouterr().err
+
+
+def test_bench_without_a_gpu_is_not_run():
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmarks would run")
+    assert cli.main(["bench"]) == cli.EXIT_NOT_RUN
+
+
+def test_order_bar_advances_once_per_sampler(tmp_path, monkeypatch):
+    from refdiff import _progress
+    from refdiff.convergence import ode_samplers
+
+    counts = []
+
+    class Bar:
+        def __init__(self):
+            self.n = 0
+
+        def update(self, k=1):
+            self.n += k
+
+        def close(self):
+            counts.append(self.n)
+    monkeypatch.setattr(_progress, "progress_bar", lambda *a, **k: Bar())
+    monkeypatch.setattr("refdiff.convergence.ode_samplers", lambda: ode_samplers()[:2])
+    assert cli.main(["order", "--out", str(tmp_path), "--ode-only"]) in (cli.EXIT_PASS, cli.EXIT_FAIL)
+    assert counts == [2]

@@ -130,7 +130,7 @@ def test_bad_input(call, error, match):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.int32])
 def test_low_precision_and_integer_inputs_compute_in_float64(dtype):
-    """Inputs of any real dtype are converted once; every result is float64 (DESIGN.md §2)."""
+    """Inputs of any real dtype are converted once; every result is float64 (README, "Conventions")."""
     x = np.arange(6).reshape(3, 2).astype(dtype)
     assert F.q_sample(x, 0.6, 0.8, x).dtype == np.float64
     assert F.posterior(x, x, A_T, S_T, A_S, S_S).mean.dtype == np.float64

@@ -1,4 +1,4 @@
-"""kernels._launch: device policy (DESIGN.md §6) before any launch."""
+"""kernels._launch: device policy (README, "Bad input") before any launch."""
 
 import pytest
 

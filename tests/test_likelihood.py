@@ -7,11 +7,11 @@ from refdiff import likelihood as LK
 from refdiff import schedules as S
 from refdiff import selfcheck as C
 from refdiff import sde as SD
-from refdiff.oracles import GaussianData, GaussianMixture
+from refdiff.oracles import FiniteAtoms, GaussianData, GaussianMixture
 from bad_inputs import bad, refused
 from tolerances import z_bound
 
-EXACT_NATS = 1e-8        # issue acceptance: exact divergence to 1e-8 nats (DOP853 at rtol 1e-11 reaches ~1e-12)
+EXACT_NATS = 1e-8        # exact divergence to 1e-8 nats (DOP853 at rtol 1e-11 reaches ~1e-12)
 
 
 def _data():
@@ -67,6 +67,7 @@ def test_finite_difference_jvp_path_agrees_with_exact_hvp():
 
 
 SCORE = _fns(DATA["gaussian"], SDES["VP"])[0]
+ATOMS = FiniteAtoms(np.array([[0.0, 0.0], [1.0, 1.0]]))
 XL = np.zeros((2, 2))
 
 BAD = [
@@ -79,6 +80,9 @@ BAD = [
         ValueError, "t1 > t0", "empty-interval"),
     bad(lambda: LK.hutchinson_probes(2, (1, 2), np.random.default_rng(0), "sobol"), ValueError, "probe kind",
         "unknown-probe"),
+    bad(lambda: LK.pf_ode_log_likelihood(XL, SDES["VP"], lambda x, t: ATOMS.score(x, SDES["VP"].alpha(t),
+                                                                                 SDES["VP"].sigma(t)),
+                                         probes=np.ones((2, 2, 2))), ValueError, "t0=1e-5", "atoms-from-t0-0"),
 ]
 
 @pytest.mark.parametrize("call, error, match", BAD)

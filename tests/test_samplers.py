@@ -22,7 +22,7 @@ from strategies import vp_levels
 from bad_inputs import bad, refused
 from tolerances import z_bound
 
-ORDER_TOL = CV.ORDER_TOL      # |fitted slope - declared order| for ODE samplers and exact laws (issue acceptance)
+ORDER_TOL = CV.ORDER_TOL      # |fitted slope - declared order| for ODE samplers and exact laws
 STRONG_TOL = CV.STRONG_TOL    # strong order of SDE samplers
 # step counts past diffusers' lower_order_final threshold (15) and into the asymptotic range: 3M's third-order
 # steps still show at 32 steps (error ratio 4.85 where the run's order 2 gives 4), so the fit starts at 64

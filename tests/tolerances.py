@@ -5,7 +5,7 @@ import numpy as np
 EPS64 = float(np.finfo(np.float64).eps)
 EPS32 = float(np.finfo(np.float32).eps)
 
-# Schedules vs 50-digit mpmath (issue acceptance, DESIGN.md §4).
+# Schedules vs 50-digit mpmath (README, "Tests and tolerances").
 MAX_SCHEDULE_ULP = 8
 
 # Round trip t -> log_snr -> t, in units of ulp(t) + eps |lambda / lambda'| (see selfcheck.roundtrip_errors).
@@ -32,7 +32,7 @@ def fd_tolerance(h: float, third_derivative: float, f_scale: float) -> float:
     return h * h * third_derivative / 6.0 + EPS64 * f_scale / h
 
 
-# -- kernels: the flash-attention rule (DESIGN.md §4), one implementation in refdiff.check.rules ----------------
+# -- kernels: the flash-attention rule (README, "Tests and tolerances"), one implementation in refdiff.check.rules ----------------
 
 from refdiff.check.rules import (KERNEL_FLOOR_ULPS, KERNEL_RULE_FACTOR, dtype_ulp,  # noqa: E402,F401
                                  kernel_rule_violation)

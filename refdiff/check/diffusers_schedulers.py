@@ -19,7 +19,9 @@ from ..oracles import GaussianMixture
 from ..samplers import (DDIM, DDPM, DEIS, DPM2, LMS, Churn, DPMSolverPP, DPMSolverPPSDE, DPMSolverPPSinglestep, Euler,
                         EulerAncestral, Grid, Heun, Level, SDEDPMSolverPP2M, UniPC, model_coeffs)
 from ..samplers.base import State
-from .replay import R, run_case
+from . import tables as TB
+from .findings import Finding
+from .replay import R, Hypothesis, run_case
 from .rounding import exact
 
 __all__ = ["SCHEDULERS", "UNMAPPED", "R", "run_case", "default_cases", "ProtocolAdapter", "PROTOCOL_SAMPLERS"]
@@ -63,6 +65,36 @@ def _vp_levels(sched):
             a = 1.0 / np.sqrt(1.0 + s * s)
             out.append(Level(t, a, s * a, -2.0 * np.log(s)))
     return out
+
+
+def _numpy(a) -> np.ndarray:
+    """A torch tensor, list or array as float64 numpy."""
+    if hasattr(a, "detach"):
+        return a.detach().double().cpu().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def _vp_sigma_grid(kw, steps, ref, family, final: str = "zero", karras: str | None = None):
+    """(sigmas, relative bound) of a VP table's sampling grid in VE sigmas, with its final level.
+
+    ref: a tables.RefTable; family: "ddim" / "dpmsolver" (integer timesteps) or "sigma" (fractional linspace,
+    diffusers' Euler-type schedulers); karras: None, "table" (Karras between the whole table's sigmas, DPM-Solver) or
+    "grid" (between the spacing's first and last sigma, Euler-type); final: "zero" or "first" (the table's index 0,
+    DEIS)."""
+    ab, ab_bound = ref.alphas_cumprod, ref.bound
+    T = kw["num_train_timesteps"]
+    spacing, offset = kw.get("timestep_spacing", "linspace"), kw.get("steps_offset", 0)
+    ts = TB.fractional_timesteps(T, steps, spacing, offset) if family == "sigma" else \
+        S.timesteps(T, steps, spacing, offset, family=family)
+    sig, bound = TB.table_sigmas(ab, ts), TB.table_sigma_bound(ab, ab_bound, ts)
+    if karras is not None:
+        ends = np.array([0.0, T - 1.0]) if karras == "table" else np.array([ts[-1], ts[0]])
+        lo, hi = TB.table_sigmas(ab, ends)
+        sig = S.karras_sigmas(steps, lo, hi) if steps > 1 else np.array([hi])
+        bound = np.full(steps, np.max(TB.table_sigma_bound(ab, ab_bound, ends)) + TB.U32)
+    last = 0.0 if final == "zero" else TB.table_sigmas(ab, [0.0])[0]
+    last_bound = 0.0 if final == "zero" else TB.table_sigma_bound(ab, ab_bound, [0.0])[0]
+    return np.append(sig, last), np.append(bound, last_bound)
 
 
 def _dedupe(sigmas):
@@ -145,6 +177,39 @@ class _Adapter:
         """The timesteps at which steps start (two-stage schedulers list the inner ones twice by design)."""
         return ts
 
+    # -- the schedule and the grid the configuration asks for ------------------------------------------------
+    timestep_family = "ddim"       # refdiff.schedules.timesteps' convention for the spacing (ddim or dpmsolver)
+
+    def table_findings(self, sched, config):
+        """'schedule' and 'grid' Findings: the target's alphas_cumprod against the configuration's table, and its
+        timesteps / sigmas against the reference grid for the spacing asked (refdiff.check.tables)."""
+        kw = {"num_train_timesteps": 1000, **self.scheduler_config(config)}
+        betas = TB.reference_betas(kw)
+        ref, out = None, []
+        if betas is not None:
+            ref = TB.RefTable(*betas)
+            if getattr(sched, "alphas_cumprod", None) is not None:
+                target = _numpy(sched.alphas_cumprod)
+                f = TB.compare_alphas_cumprod(target, ref)
+                if f is not None and ref.zero_snr and TB.compare_alphas_cumprod(target, ref.clamped()) is None:
+                    ref = ref.clamped()                   # the grid is then judged on the clamped table
+                    f = Finding("schedule", "alpha_bar_T is clamped to 2^-24 instead of 0 (diffusers' zero-SNR "
+                                            "convention in its sigma-based and DPM-Solver schedulers: the first sigma "
+                                            "is 4096, not inf); every other entry agrees",
+                                explained=True, id="diffusers-zero-snr-clamp",
+                                evidence={"alpha_bar_T": float(target[-1])})
+                if f is not None:
+                    out.append(f)
+        out.extend(f for f in self.grid_findings(sched, config, kw, ref) if f is not None)
+        return out
+
+    def grid_findings(self, sched, config, kw, ref):
+        """Integer timesteps of the spacing asked (``timestep_family``)."""
+        spacing = kw.get("timestep_spacing", "linspace")
+        want = S.timesteps(kw["num_train_timesteps"], config["steps"], spacing, kw.get("steps_offset", 0),
+                           family=self.timestep_family)
+        return [TB.compare_timesteps(_numpy(sched.timesteps), want)]
+
     def step_kwargs(self, variant: str) -> dict:
         """Keyword arguments of the target's step() for a variant (e.g. EDM churn)."""
         return {}
@@ -169,23 +234,27 @@ class _Adapter:
         return None
 
     def hypotheses(self, sched, table, config, variant):
-        """label -> ("sampler", alternative sampler) or ("pairs", [(cur, nxt) per step]) for a single-stage sampler."""
+        """id -> Hypothesis(label, kind, what): kind "sampler" (an alternative sampler), "pairs" ([(cur, nxt) per
+        step] for a single-stage sampler) or "same-output" (the model output read where the target reads it)."""
         return {}
 
     def explain_nonfinite(self, sched, ratios):
-        """A known cause of non-finite outputs, checked directly; None when there is none to check."""
+        """A known cause of non-finite outputs, checked directly: an explained 'nonfinite' Finding, or None."""
         return None
 
     def explain_exception(self, sched, exc):
-        """A known cause of the target raising mid-run, checked directly; None when there is none."""
+        """A known cause of the target raising mid-run, checked directly: an explained 'exception' Finding, or None."""
         ts = np.asarray(sched.timesteps)
         if len(ts) > 1 and ts[0] == ts[1] and hasattr(sched, "index_for_timestep"):
             start = sched.index_for_timestep(sched.timesteps[0])
             if start != 0:
                 k = int(np.sum(ts == ts[0]))
-                return (f"explained: duplicate timesteps (diffusers #12771) — {k} sigmas round to t = {ts[0]:g}; "
-                        f"diffusers' index_for_timestep starts the run at the second occurrence (index {start}), "
-                        f"skipping sigma_0, and steps past the end ({type(exc).__name__}: {exc})")
+                return Finding("exception", f"duplicate timesteps (diffusers #12771): {k} sigmas round to t = "
+                                            f"{ts[0]:g}; diffusers' index_for_timestep starts the run at the second "
+                                            f"occurrence (index {start}), skipping sigma_0, and steps past the end "
+                                            f"({type(exc).__name__}: {exc})",
+                               explained=True, id="diffusers-12771",
+                               evidence={"duplicates": k, "timestep": float(ts[0]), "start_index": int(start)})
         return None
 
 
@@ -209,7 +278,7 @@ class _DDIM(_Adapter):
         ts = sched.timesteps.numpy()
         data = Level(-1, 1.0, 0.0, np.inf)
         pairs = [(_level(table, t), data if t - T // n < 0 else _level(table, t - T // n)) for t in ts]
-        return {"prev_t = t - T // N (diffusers #12633, #11347)": ("pairs", pairs)}
+        return {"diffusers-12633": Hypothesis("prev_t = t - T // N (diffusers #12633, #11347)", "pairs", pairs)}
 
 
 class _DDPM(_Adapter):
@@ -243,11 +312,21 @@ class _DPMMultistep(_Adapter):
                 "3M": dict(algorithm_type="dpmsolver++", solver_order=3),
                 "sde-dpmsolver++": dict(algorithm_type="sde-dpmsolver++", solver_order=2)}
 
+    timestep_family = "dpmsolver"
+
     def make(self, config, variant):
         return self.cls(**config, **self.variants[variant], final_sigmas_type="zero")
 
     def grid(self, sched, table):
         return Grid(_vp_levels(sched))
+
+    def grid_findings(self, sched, config, kw, ref):
+        karras = bool(sched.config.use_karras_sigmas)
+        out = [] if karras else super().grid_findings(sched, config, kw, ref)
+        if ref is not None:
+            sig, bound = _vp_sigma_grid(kw, config["steps"], ref, "dpmsolver", "zero", "table" if karras else None)
+            out.append(TB.compare_sigmas(_numpy(sched.sigmas), sig, bound))
+        return out
 
     def sampler(self, sched, table, grid, variant=""):
         if sched.config.algorithm_type == "sde-dpmsolver++":
@@ -257,17 +336,26 @@ class _DPMMultistep(_Adapter):
     def hypotheses(self, sched, table, config, variant):
         if sched.config.solver_order != 3 or sched.config.algorithm_type != "dpmsolver++":
             return {}
-        return {"the released DPM-Solver++ 3M update halves the D'' term (local error O(h^3): global order 2)":
-                ("sampler", DPMSolverPP(3, halved_d2=True))}
+        return {"dpmsolver-3m-halved-d2": Hypothesis(
+            "the released DPM-Solver++ 3M update halves the D'' term (local error O(h^3): global order 2)",
+            "sampler", DPMSolverPP(3, halved_d2=True))}
 
 
 class _DPMSinglestep(_Adapter):
     name = "DPMSolverSinglestepScheduler"
     lambda_terms = True
     spacings = ("-",)              # its own timesteps: linspace over the lambda-clipped range
+    timestep_family = "dpmsolver"
 
     def make(self, config, variant):
         return self.cls(**config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+
+    def grid_findings(self, sched, config, kw, ref):
+        kw = {**kw, "timestep_spacing": "linspace"}          # no lambda clipping: linspace over the whole table
+        out = super().grid_findings(sched, config, kw, ref)
+        if ref is not None:
+            out.append(TB.compare_sigmas(_numpy(sched.sigmas), *_vp_sigma_grid(kw, config["steps"], ref, "dpmsolver")))
+        return out
 
     @staticmethod
     def _plan(sched):
@@ -296,6 +384,13 @@ class _UniPC(_Adapter):
     name = "UniPCMultistepScheduler"
     lambda_terms = True
     variants = {"bh2": dict(solver_type="bh2"), "bh1": dict(solver_type="bh1")}
+    timestep_family = "dpmsolver"
+
+    def grid_findings(self, sched, config, kw, ref):
+        out = super().grid_findings(sched, config, kw, ref)
+        if ref is not None:
+            out.append(TB.compare_sigmas(_numpy(sched.sigmas), *_vp_sigma_grid(kw, config["steps"], ref, "dpmsolver")))
+        return out
 
     def make(self, config, variant):
         return self.cls(**config, **self.variants[variant], solver_order=2, predict_x0=True, final_sigmas_type="zero")
@@ -317,8 +412,10 @@ class _UniPC(_Adapter):
         alpha_s, sigma_s = sched._sigma_to_alpha_sigma_t(sig[-2])
         h = (torch.log(alpha_t) - torch.log(sigma_t)) - (torch.log(alpha_s) - torch.log(sigma_s))
         if torch.isinf(h) and torch.isnan(-h * 0.0):
-            return ("explained: UniPC bh1 with final_sigmas_type='zero' — on the last step B(h) = -h = -inf and the "
-                    "first-order predictor's alpha_t B(h) * 0 is NaN (every earlier step agrees)")
+            return Finding("nonfinite", "UniPC bh1 with final_sigmas_type='zero': on the last step B(h) = -h = -inf "
+                                        "and the first-order predictor's alpha_t B(h) * 0 is NaN (every earlier step "
+                                        "agrees)", explained=True, id="diffusers-unipc-bh1-final-nan",
+                           evidence={"step": len(ratios) - 1})
         return None
 
     def grid(self, sched, table):
@@ -335,6 +432,14 @@ class _DEIS(_Adapter):
     name = "DEISMultistepScheduler"
     lambda_terms = True
     variants = {"order 2": dict(solver_order=2), "order 3": dict(solver_order=3)}
+    timestep_family = "dpmsolver"
+
+    def grid_findings(self, sched, config, kw, ref):
+        out = super().grid_findings(sched, config, kw, ref)
+        if ref is not None:                 # DEIS ends at the table's first level, not at the data
+            sig, bound = _vp_sigma_grid(kw, config["steps"], ref, "dpmsolver", final="first")
+            out.append(TB.compare_sigmas(_numpy(sched.sigmas), sig, bound))
+        return out
 
     def grid(self, sched, table):
         # diffusers ends at sigma_last = sqrt((1 - alpha_bar_0) / alpha_bar_0), the table's index 0
@@ -372,6 +477,14 @@ class _VE(_Adapter):
 
     def grid(self, sched, table):
         return Grid.from_sigmas(_dedupe(sched.sigmas.double().numpy()))
+
+    def grid_findings(self, sched, config, kw, ref):
+        """The step levels (two-stage schedulers list inner sigmas twice: compared once) of the spacing asked."""
+        if ref is None:
+            return []
+        karras = "grid" if getattr(sched.config, "use_karras_sigmas", False) else None
+        sig, bound = _vp_sigma_grid(kw, config["steps"], ref, "sigma", "zero", karras)
+        return [TB.compare_sigmas(_dedupe(_numpy(sched.sigmas)), sig, bound)]
 
     def coeffs(self, prediction, level):
         """diffusers' models predict the VP v = alpha eps - sigma_vp x0; on the VE grid (alpha = 1) refdiff's v is
@@ -412,9 +525,10 @@ class _Churned:
     def hypotheses(self, sched, table, config, variant):
         if variant != "churn":
             return {}
-        return {"the model is evaluated before the churn, at (x, sigma), and its output applied at x_hat "
-                "(diffusers' step adds the churn noise after the model call; EDM Alg. 2 evaluates at x_hat, sigma_hat)":
-                ("same-output", None)}
+        return {"diffusers-churn-after-model": Hypothesis(
+            "the model is evaluated before the churn, at (x, sigma), and its output applied at x_hat (diffusers' "
+            "step adds the churn noise after the model call; EDM Alg. 2 evaluates at x_hat, sigma_hat)",
+            "same-output", None)}
 
 
 class _Euler(_Churned, _VE):
@@ -444,8 +558,10 @@ class _EulerA(_VE):
             frm, to = sig[i], sig[i + 1]
             up = (to ** 2 * (frm ** 2 - to ** 2) / frm ** 2) ** 0.5
             if torch.isnan((to ** 2 - up ** 2) ** 0.5):
-                return (f"explained: diffusers #14213 — at step {i} (sigma {float(frm):.6g} -> {float(to):.6g}) "
-                        "float32 sigma_up^2 exceeds sigma_to^2, sigma_down = sqrt(negative) = NaN")
+                return Finding("nonfinite", f"diffusers #14213: at step {i} (sigma {float(frm):.6g} -> "
+                                            f"{float(to):.6g}) float32 sigma_up^2 exceeds sigma_to^2, sigma_down = "
+                                            "sqrt(negative) = NaN", explained=True, id="diffusers-14213",
+                               evidence={"step": i, "sigma_from": float(frm), "sigma_to": float(to)})
         return None
 
 
@@ -528,6 +644,28 @@ class _EDMEuler(_Churned, _VE):
     def grid(self, sched, table):
         return Grid.from_sigmas(sched.sigmas.double().numpy())
 
+    # EDM's default sigma range (Karras et al. 2022, Table 1) and rho; diffusers forms the ramp in float32 and raises
+    # to the power rho, which multiplies the base's relative rounding (~4 u) by rho
+    EDM_RANGE = (0.002, 80.0, 7.0)
+
+    def grid_findings(self, sched, config, kw, ref):
+        lo, hi, rho = self.EDM_RANGE
+        n = config["steps"]
+        if config["beta_schedule"] == "karras":
+            sig, rel = S.karras_sigmas(n, lo, hi, rho), (4.0 * rho + 1.0) * TB.U32
+        else:
+            sig, rel = S.exponential_sigmas(n, lo, hi), 4.0 * np.log(hi / lo) * TB.U32 + TB.U32
+        target = _numpy(sched.sigmas)
+        f = TB.compare_sigmas(target, np.append(sig, 0.0), np.append(np.full(n, rel), 0.0))
+        if f is not None and n == 1 and config["beta_schedule"] == "exponential" and \
+                abs(target[0] - lo) <= rel * lo:
+            f = Finding("grid", f"one exponential step starts at sigma_min = {lo:g}, not sigma_max = {hi:g}: "
+                                "torch.linspace(log sigma_min, log sigma_max, 1) is [log sigma_min], then flipped "
+                                "(k-diffusion's get_sigmas_exponential gives sigma_max); the one step barely denoises",
+                        explained=True, id="diffusers-edm-exponential-one-step",
+                        evidence={"target_sigma_0": float(target[0]), "reference_sigma_0": hi})
+        return [f]
+
     def _skip_out(self, sigma, prediction):
         sd = 0.5                      # diffusers' default sigma_data
         s = np.asarray(sigma, dtype=np.float64)
@@ -562,6 +700,13 @@ class _FlowMatchEuler(_Adapter):
 
     def table(self, sched):
         return None
+
+    def grid_findings(self, sched, config, kw, ref):
+        """SD3 / Flux grids (refdiff.schedules.flow_match_sigmas): a linspace in time, shifted; computed in float64
+        from a float32 table entry and cast once (a few u)."""
+        n = config["steps"]
+        want = S.flow_match_sigmas(n, float(config["beta_schedule"].split()[1]))
+        return [TB.compare_sigmas(_numpy(sched.sigmas), want, np.append(np.full(n, 4.0 * TB.U32), 0.0))]
 
     def grid(self, sched, table):
         s = sched.sigmas.double().numpy()

@@ -21,17 +21,29 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 
 from ..samplers import Grid, Level
 from ..samplers.base import NumericContext, State
 from ..solve import sample
+from .findings import Finding, case_verdict
 from .rounding import Bounded, BoundedContext, exact
 
-__all__ = ["R", "run_case"]
+__all__ = ["R", "run_case", "Hypothesis"]
 
 R = 4                               # coefficient roundings per term (see the module docstring)
+
+
+class Hypothesis(NamedTuple):
+    """A known convention or upstream bug, re-run as a reference: kind "sampler" (``what`` an alternative sampler),
+    "pairs" (``what`` the (cur, nxt) levels the target steps between) or "same-output" (the model output read at the
+    level the target reads it)."""
+
+    label: str
+    kind: str
+    what: object
 
 
 class _Mismatch(Exception):
@@ -187,7 +199,9 @@ def _unbounded(v):
 
 
 def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
-    """One configuration: per-step ratios to the rule, end-to-end error, non-finite and duplicate checks."""
+    """One configuration: the target's schedule and grid against the configuration's, then per-step ratios to the
+    rule on the target's own levels, the end-to-end error, non-finite and duplicate checks. Every disagreement is a
+    typed Finding in ``case["findings"]``; ``case["verdict"]`` is pass / known (all explained) / fail."""
     variant = config.get("variant", next(iter(adapter.variants)))
     config = {**config, "variant": variant}
     sched = adapter.make(adapter.scheduler_config(config), variant)
@@ -196,6 +210,7 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
     ts = np.asarray(sched.timesteps)
     case = {"scheduler": adapter.name, **config, "variant": variant, "timesteps": ts.tolist(),
             "duplicate_timesteps": int(len(adapter.step_starts(ts)) - len(np.unique(adapter.step_starts(ts))))}
+    findings = list(adapter.table_findings(sched, config))
     grid = adapter.grid(sched, table)
     case["sigmas"] = [float(np.asarray(lv.sigma_ve)) for lv in grid.levels]        # refdiff's levels (sigma / alpha)
     if hasattr(sched, "sigmas"):
@@ -205,19 +220,26 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
     if x_T is None:
         x_T = np.random.default_rng(seed).standard_normal((2, 4)) * adapter.x_T_scale(sched, grid)
     x_T = np.asarray(x_T, dtype=np.float32).astype(np.float64)
+    case["x_T"] = x_T.tolist()
+
+    def done(extra):
+        case.update(extra)
+        case["findings"] = [f.to_dict() for f in findings]
+        case["verdict"] = case_verdict(findings)
+        case["finding"] = "; ".join(str(f) for f in findings)
+        return case
+
     try:
         ratios, draws, nonfinite, x_final = _replay(adapter, sched, grid, smp, config, x_T, seed)
     except _Mismatch as exc:
-        return {**case, "verdict": "fail", "per_step_ratio": [], "nonfinite": 0, "end_to_end_max_abs": None,
-                "finding": f"unexplained: step structure differs: {exc}"}
+        findings.append(Finding("structure", f"step structure differs: {exc}"))
+        return done({"per_step_ratio": [], "nonfinite": 0, "end_to_end_max_abs": None})
     except Exception as exc:                          # the target raised mid-run
-        reason = adapter.explain_exception(sched, exc)
-        if reason is None:
+        known = adapter.explain_exception(sched, exc)
+        if known is None:
             raise
-        return {**case, "verdict": "fail", "per_step_ratio": [], "nonfinite": 0, "end_to_end_max_abs": None,
-                "finding": reason}
-    case["per_step_ratio"] = ratios
-    case["nonfinite"] = nonfinite
+        findings.append(known)
+        return done({"per_step_ratio": [], "nonfinite": 0, "end_to_end_max_abs": None})
     pred = config["prediction_type"]
     model = adapter.model(pred)
 
@@ -225,35 +247,43 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
         c_x, c_m = adapter.coeffs(pred, level)
         return c_x * x + c_m * model(x, level)
     replay = iter(draws)
-    full = sample(smp, model_x0, grid, x_T, noise=(lambda: next(replay)) if draws else None, prediction="x0")
-    case["end_to_end_max_abs"] = float(np.max(np.abs(x_final - full.x)))
-    case["x_T"] = x_T.tolist()
-    case["verdict"] = "pass" if max(ratios) <= 1.0 and nonfinite == 0 else "fail"
-    if case["verdict"] == "fail":
-        reason = adapter.explain_nonfinite(sched, ratios) if nonfinite else None
-        case["finding"] = reason or _explain(adapter, config, table, grid, x_T, seed)
-    return case
+    full = sample(smp, model_x0, grid, x_T, noise=(lambda: next(replay)) if draws else None, prediction="x0",
+                  progress=False)
+    extra = {"per_step_ratio": ratios, "nonfinite": nonfinite,
+             "end_to_end_max_abs": float(np.max(np.abs(x_final - full.x)))}
+    if nonfinite:
+        findings.append(adapter.explain_nonfinite(sched, ratios) or Finding(
+            "nonfinite", f"{nonfinite} non-finite values in the target's samples where the reference is finite",
+            evidence={"per_step_ratio": ratios}))
+    elif max(ratios) > 1.0:
+        findings.append(_explain(adapter, config, table, grid, x_T, seed, ratios))
+    return done(extra)
 
 
-def _explain(adapter, config, table, grid, x_T, seed):
-    """Re-run under each alternative hypothesis; the first that reproduces diffusers under the rule explains."""
+def _explain(adapter, config, table, grid, x_T, seed, ratios) -> Finding:
+    """Re-run under each alternative hypothesis; the first that reproduces the target under the rule explains."""
     variant = config["variant"]
+    first = int(np.argmax(np.asarray(ratios) > 1.0))
     sched = adapter.make(adapter.scheduler_config(config), variant)
     sched.set_timesteps(config["steps"])
-    for label, (kind, what) in adapter.hypotheses(sched, table, config, variant).items():
+    for hid, hyp in adapter.hypotheses(sched, table, config, variant).items():
         sched = adapter.make(adapter.scheduler_config(config), variant)
         sched.set_timesteps(config["steps"])
         try:
-            if kind == "sampler":
-                ratios = _replay(adapter, sched, grid, what, config, x_T, seed)[0]
-            elif kind == "same-output":
-                ratios = _replay(adapter, sched, grid, adapter.sampler(sched, table, grid, variant=variant), config,
-                                 x_T, seed, same_output=True)[0]
+            if hyp.kind == "sampler":
+                again = _replay(adapter, sched, grid, hyp.what, config, x_T, seed)[0]
+            elif hyp.kind == "same-output":
+                again = _replay(adapter, sched, grid, adapter.sampler(sched, table, grid, variant=variant), config,
+                                x_T, seed, same_output=True)[0]
             else:
-                ratios = _replay(adapter, sched, grid, adapter.sampler(sched, table, grid, variant=variant), config,
-                                 x_T, seed, step_grids=[[cur, nxt] for cur, nxt in what])[0]
+                again = _replay(adapter, sched, grid, adapter.sampler(sched, table, grid, variant=variant), config,
+                                x_T, seed, step_grids=[[cur, nxt] for cur, nxt in hyp.what])[0]
         except (_Mismatch, ValueError):
             continue
-        if max(ratios) <= 1.0:
-            return f"explained: {label} reproduces the target under the rule"
-    return "unexplained: no known convention or bug reproduces the target; inspect the per-step ratios"
+        if max(again) <= 1.0:
+            return Finding("step", f"{hyp.label} reproduces the target under the rule", explained=True, id=hid,
+                           evidence={"per_step_ratio": ratios, "first_step": first,
+                                     "per_step_ratio_under_hypothesis": again})
+    return Finding("step", f"step {first} disagrees with the sampler's paper form beyond the rounding rule (ratio "
+                           f"{ratios[first]:.3g}); no known convention or bug reproduces it",
+                   evidence={"per_step_ratio": ratios, "first_step": first})

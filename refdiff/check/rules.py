@@ -1,4 +1,4 @@
-"""The kernel error rule (DESIGN.md §4), shared by the tests, ``refdiff check kernels`` and the report.
+"""The kernel error rule (README, "Tests and tolerances"), shared by the tests, ``refdiff check kernels`` and the report.
 
 |kernel - ref64| <= factor |naive same-dtype - ref64| + 2 ulp(storage dtype at the output's scale) + extra, on
 tensor maxima as FlashAttention's tests do. Takes torch tensors (imported lazily) and float64 references.

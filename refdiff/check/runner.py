@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import check_output_dir, write_text
+from .findings import EXIT_AGREE, EXIT_KNOWN, EXIT_UNEXPLAINED, Finding, case_verdict, exit_code, headline
 
 __all__ = ["PROTOCOL_METHODS", "run_check", "write_check", "resolve", "rerun_case", "CASE_KEYS", "case_label",
            "findings_by_kind"]
@@ -75,17 +76,27 @@ def _time_limit(seconds):
 
 def _guarded(run, adapter, config, case_timeout):
     """Run one case; a target that raises, calls sys.exit or hangs fails that case, and the rest still run."""
+    extra = {}
     try:
         with _time_limit(case_timeout):
             return run()
     except CaseTimeout as exc:
-        finding = f"unexplained: timed out — {exc}"
+        f = Finding("timeout", str(exc))
     except SystemExit as exc:
-        finding = f"unexplained: the target called sys.exit({exc.code!r}) during the case"
+        f = Finding("exit", f"the target called sys.exit({exc.code!r}) during the case")
     except Exception as exc:                   # the target raised mid-run
-        return {"scheduler": adapter.name, **config, "verdict": "fail",
-                "finding": f"raised {type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
-    return {"scheduler": adapter.name, **config, "verdict": "fail", "finding": finding}
+        f = Finding("exception", f"raised {type(exc).__name__}: {exc}")
+        extra["traceback"] = traceback.format_exc(limit=3)
+    return {"scheduler": adapter.name, **config, "verdict": "fail", "findings": [f.to_dict()], "finding": str(f),
+            **extra}
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean X?)' for the closest of ``choices``, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def case_label(case: dict) -> str:
@@ -94,12 +105,12 @@ def case_label(case: dict) -> str:
 
 
 def findings_by_kind(cases) -> dict:
-    """Failing cases grouped by (label, kind of finding): the finding's text before its per-case details (' — ')."""
+    """Cases with findings grouped by (label, finding id): one group per scheduler and kind of disagreement (an
+    explained finding's id names its explanation, an unexplained one's its kind)."""
     kinds = {}
     for c in cases:
-        if c["verdict"] == "fail":
-            kind = str(c.get("finding", "")).split(" — ")[0]
-            kinds.setdefault((case_label(c), kind), []).append(c)
+        for f in c.get("findings", []):
+            kinds.setdefault((case_label(c), f["id"]), []).append(c)
     return kinds
 
 
@@ -123,8 +134,12 @@ def resolve(target: str):
                 out.append(DS.SCHEDULERS[n](diffusers))
             elif n in DS.UNMAPPED:
                 raise UsageError(f"diffusers:{n} is not checked: {DS.UNMAPPED[n]}; mapped: {sorted(DS.SCHEDULERS)}")
+            elif n.endswith("Scheduler") and hasattr(diffusers, n):
+                raise UsageError(f"diffusers:{n} is a diffusers scheduler that refdiff does not map yet; mapped: "
+                                 f"{sorted(DS.SCHEDULERS)}")
             else:
-                raise UsageError(f"unknown diffusers scheduler {n!r}; mapped: {sorted(DS.SCHEDULERS)}")
+                raise UsageError(f"unknown diffusers scheduler {n!r}{did_you_mean(n, list(DS.SCHEDULERS))}; mapped: "
+                                 f"{sorted(DS.SCHEDULERS)}")
         return out
     if os.getcwd() not in sys.path:              # as `python -m` does: modules in the working directory import
         sys.path.insert(0, os.getcwd())
@@ -170,17 +185,25 @@ def _kernel_check() -> dict:
         results, backend = kernel_cases()
     except ImportError as exc:
         raise UsageError(f"the kernels target needs torch and triton: {exc}") from None
-    cases = [{"scheduler": name, "beta_schedule": "-", "timestep_spacing": "-", "steps": "-", "prediction_type": "-",
-              "ratio_to_rule": r, "verdict": "pass" if r <= 1.0 else "fail"} for name, r in results]
+    cases = []
+    for name, r in results:
+        fs = [] if r <= 1.0 else [Finding("kernel", f"{name}: ratio to the error rule {r:.3g}",
+                                          evidence={"ratio_to_rule": r})]
+        cases.append({"scheduler": name, "beta_schedule": "-", "timestep_spacing": "-", "steps": "-",
+                      "prediction_type": "-", "ratio_to_rule": r, "verdict": case_verdict(fs),
+                      "findings": [f.to_dict() for f in fs]})
     env = env_info()
+    code = exit_code(cases)
     return {"schema": SCHEMA, "refdiff_version": env["refdiff"], "env": env, "target": "kernels", "backend": backend,
-            "verdict": "fail" if any(c["verdict"] == "fail" for c in cases) else "pass",
+            "verdict": "fail" if code else "pass", "headline": headline(cases), "exit_code": code, "accepted": [],
             "rule": "|kernel - ref64| <= 2 |naive same-dtype - ref64| + 2 ulp (tensor maxima)", "unmapped": {},
             "cases": cases}
 
 
 def run_check(target: str, quick: bool = False, progress=None, on_total=None, seed: int = 0,
-              case_timeout: float | None = CASE_TIMEOUT) -> dict:
+              case_timeout: float | None = CASE_TIMEOUT, accept=()) -> dict:
+    """Run every case of a target; the document's verdict, headline and exit code follow from the cases' typed
+    findings (refdiff.check.findings), with the ``accept``-ed ids or kinds not failing the gate."""
     from .._env import env_info
     from . import diffusers_schedulers as DS
 
@@ -200,9 +223,10 @@ def run_check(target: str, quick: bool = False, progress=None, on_total=None, se
         if progress is not None:
             progress(case)
     env = env_info()
-    verdict = "fail" if any(c["verdict"] == "fail" for c in cases) else "pass"
+    code = exit_code(cases, accept)
+    verdict = {EXIT_AGREE: "pass", EXIT_KNOWN: "known", EXIT_UNEXPLAINED: "fail"}[code]
     return {"schema": SCHEMA, "refdiff_version": env["refdiff"], "env": env, "target": target, "seed": seed,
-            "verdict": verdict,
+            "verdict": verdict, "headline": headline(cases, accept), "exit_code": code, "accepted": list(accept),
             "rule": f"per step |target - refdiff| <= {DS.R} u (running rounding bound of the step's formula + "
                     "float32 level differences), same inputs; u = unit roundoff of the sample dtype",
             "unmapped": DS.UNMAPPED, "cases": cases}
@@ -217,8 +241,10 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
     paths = [out / "check.json", out / "check.md"]
     write_text(paths[0], json.dumps(doc, indent=2, default=float))
     n_pass = sum(c["verdict"] == "pass" for c in doc["cases"])
-    head = [f"# refdiff check {doc['target']} — {doc['verdict'].upper()}", "", f"{n_pass} of {len(doc['cases'])} "
-            f"cases pass. Rule: `{doc['rule']}`.", ""]
+    title = doc.get("headline", doc["verdict"].upper())
+    head = [f"# refdiff check {doc['target']} — {title}", "", f"{n_pass} of {len(doc['cases'])} "
+            f"cases agree. Rule: `{doc['rule']}`." + (f" Accepted: {', '.join(doc['accepted'])}."
+                                                       if doc.get("accepted") else ""), ""]
     if doc["target"] == "kernels":
         lines = head + [f"Backend: {doc.get('backend')}.", "", "| case | ratio to the rule | verdict |",
                         "|---|---|---|"]
@@ -232,7 +258,8 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
                  f"{c['ratio_to_rule']:.3g}" if "ratio_to_rule" in c else "-")
         e2e = f"{c['end_to_end_max_abs']:.2e}" if c.get("end_to_end_max_abs") is not None else "-"
         name = case_label(c)
-        finding = str(c.get("finding", "")).replace("|", "\\|")
+        finding = "; ".join(f"{'explained' if f['explained'] else 'unexplained'} [{f['id']}] {f['summary']}"
+                            for f in c.get("findings", [])).replace("|", "\\|")
         lines.append(f"| {name} | {c['beta_schedule']} | {c['timestep_spacing']} | {c['steps']} | "
                      f"{c['prediction_type']} | {c.get('dtype', 'float32')} | {ratio} | {e2e} | "
                      f"{c.get('duplicate_timesteps', '-')} | {c['verdict']} | {finding} |")
@@ -242,7 +269,7 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
     write_text(paths[1], "\n".join(lines))
     if save_inputs != "never":
         for k, c in enumerate(doc["cases"]):
-            if save_inputs == "always" or c["verdict"] == "fail":
+            if save_inputs == "always" or c["verdict"] != "pass":
                 p = out / f"case_{k:03d}_{_file_safe(c['scheduler'])}.npz"
                 tmp = p.with_name(f".{p.name}.tmp")
                 with open(tmp, "wb") as f:               # np.savez on a path would append .npz to the temporary

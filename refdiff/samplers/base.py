@@ -1,4 +1,4 @@
-"""The shared sampler interface (DESIGN.md §3): noise levels, explicit state, paper-form steps and their
+"""The shared sampler interface (README, "The sampler interface"): noise levels, explicit state, paper-form steps and their
 coefficient form.
 
 Every explicit sampler stage is an affine map
