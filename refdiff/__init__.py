@@ -6,8 +6,8 @@ form, guidance, editing, distillation targets, oracles with exact scores, Triton
 Imports numpy and scipy only.
 """
 
-from . import (conventions, distill, editing, forward, guidance, likelihood, losses, oracles, parametrization, rng,
-               samplers, schedules, sde, solve, vlb)
+from . import (conventions, distill, editing, forward, grids, guidance, likelihood, losses, oracles, parametrization,
+               rng, samplers, schedules, sde, solve, vlb)
 from .forward import posterior, q_sample, transition
 from .oracles import FiniteAtoms, GaussianData, GaussianMixture
 from .parametrization import convert, edm_precond, from_x0_eps, to_x0_eps
@@ -30,7 +30,7 @@ __all__ = [
     "distill", "editing", "guidance", "samplers", "solve", "sample",
     "DDIM", "DDPM", "DPM2", "RK4", "DPMSolver", "DPMSolverPP", "Euler", "EulerAncestral", "Grid", "Heun",
     "PredictorCorrector", "ReverseEulerMaruyama", "SDEDPMSolverPP2M", "StepCoeffs", "UniPC", "apply", "step_coeffs",
-    "conventions", "forward", "likelihood", "losses", "oracles", "parametrization", "rng", "schedules", "sde", "vlb",
+    "conventions", "forward", "grids", "likelihood", "losses", "oracles", "parametrization", "rng", "schedules", "sde", "vlb",
     "pf_ode_log_likelihood", "implied_weighting", "loss_weight", "training_loss",
     "VESDE", "VPSDE", "ScheduleSDE", "SubVPSDE",
     "bits_per_dim", "ddpm_vlb_terms", "discretized_gaussian_log_likelihood", "normal_kl", "LinearLogSNR",

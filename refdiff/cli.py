@@ -96,13 +96,13 @@ def _cmd_order(args) -> int:
     from .convergence import order_markdown, order_table, write_order
 
     from ._progress import progress_bar, ticker
-    from .convergence import ode_samplers
+    from .convergence import specs
 
     _outputs(args)
-    bar = progress_bar(len(ode_samplers()) + (0 if args.ode_only else 1), "refdiff order",
-                       False if args.quiet else None)
+    kinds = ["ODE"] if args.ode_only else args.kind
+    bar = progress_bar(len(specs(kinds)), "refdiff order", False if args.quiet else None)
     try:
-        cases = order_table(include_sde=not args.ode_only, progress=ticker(bar))
+        cases = order_table(progress=ticker(bar), kinds=kinds)
     finally:
         if bar is not None:
             bar.close()
@@ -239,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("order", help="convergence orders of every sampler: table (JSON + markdown) and log-log PNG")
     p.add_argument("--out", default="report", help="output folder (default: ./report)")
     p.add_argument("--json", help="also write the JSON table to this path")
-    p.add_argument("--ode-only", action="store_true", help="skip the SDE strong-order case")
+    from .convergence import KINDS
+
+    p.add_argument("--kind", action="append", choices=KINDS,
+                   help="only the rows of this kind (repeatable; default: all)")
+    p.add_argument("--ode-only", action="store_true", help="only the ODE rows (--kind ODE)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_order)
     p = sub.add_parser("check", help="conformance of a third-party implementation (e.g. diffusers:DDIMScheduler)")

@@ -265,3 +265,71 @@ class FiniteAtoms(_Mixture):
             raise ValueError(f"points must hold at least one point of dimension >= 1, got shape {pts.shape}")
         w = np.ones(K) if weights is None else weights
         super().__init__(self._weights(w, K), pts, np.zeros((K, D)), None, self._labels(labels, K))
+
+
+class ConsistencyOracle:
+    """The exact consistency function of Gaussian data (Song et al. 2023, Def. 1): f(x_t, t) is the probability-flow
+    ODE solution at the boundary level (the data, or a smallest noise level sigma_min), computed in closed form by
+    ``GaussianData.pf_ode_solution``; with a ``target`` level, the exact trajectory-consistency map t -> target
+    (Kim et al. 2024 CTM; Zheng et al. 2024 TCD).
+
+    ``model(...)`` gives it as a network would be queried: x0 / eps / v outputs that, after a sampler's boundary
+    parametrization D = c_skip x + c_out F (refdiff.samplers.consistency.boundary_scalings), yield exactly f.
+    ``log_snr_error`` makes an imperfect consistency function: the map is taken from a level whose log-SNR is off
+    by that much (a network's time conditioning error), which biases the output law by a known factor.
+    """
+
+    def __init__(self, data: GaussianData, boundary=(1.0, 0.0), log_snr_error: float = 0.0):
+        if not isinstance(data, GaussianData):
+            raise ValueError(f"the exact consistency function is closed-form for GaussianData, got "
+                             f"{type(data).__name__}")
+        a_e, s_e = (float(v) for v in boundary)
+        if not (a_e > 0 and s_e >= 0):
+            raise ValueError(f"the boundary level needs alpha > 0 and sigma >= 0, got ({a_e}, {s_e})")
+        if not np.isfinite(log_snr_error):
+            raise ValueError(f"log_snr_error must be finite, got {log_snr_error}")
+        self.data, self.boundary, self.log_snr_error = data, (a_e, s_e), float(log_snr_error)
+
+    def _source(self, alpha, sigma):
+        """The level the map starts from: (alpha, sigma), or the VP-normalised level at log-SNR + error."""
+        if self.log_snr_error == 0.0:
+            return alpha, sigma
+        a, s = np.asarray(alpha, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+        lam = 2.0 * (np.log(a) - np.log(s)) + self.log_snr_error
+        scale = np.hypot(a, s)                       # keep the level's own scale: only its SNR is off
+        return scale * np.sqrt(1.0 / (1.0 + np.exp(-lam))), scale * np.sqrt(1.0 / (1.0 + np.exp(lam)))
+
+    def consistency(self, x, alpha, sigma, target=None):
+        """f(x) at (alpha, sigma): the PF-ODE solution at ``target`` (alpha_s, sigma_s), default the boundary."""
+        a_s, s_s = self.boundary if target is None else target
+        a, s = self._source(alpha, sigma)
+        return self.data.pf_ode_solution(x, a, s, a_s, s_s)
+
+    def model(self, prediction: str = "x0", scalings=None):
+        """(x, level) -> the output F of ``prediction`` type whose boundary-parametrized data prediction
+        c_skip x + c_out x0(F) is exactly f(x). ``scalings(level) -> (c_skip, c_out)`` is the sampler's boundary
+        condition (default none: c_skip = 0, c_out = 1). A level carrying a ``target`` (TCD's intermediate level)
+        gets the exact map to that target instead: its output, read as the sampler reads it (DDIM to the
+        target), lands on the PF-ODE solution there."""
+        from .parametrization import from_x0_eps
+
+        def call(x, level):
+            a, s = level.alpha, level.sigma
+            target = getattr(level, "target", None)
+            if target is not None:
+                # (x0, eps) with x = a x0 + s eps and, read as DDIM to the target, a_t x0 + s_t eps = Phi(x): a 2 x 2
+                # system, regular whenever the levels' SNRs differ (a = 0, pure noise, included: eps = x / s)
+                phi = self.consistency(x, a, s, (target.alpha, target.sigma))
+                a_t = np.asarray(target.alpha, dtype=np.float64)
+                s_t = np.asarray(target.sigma, dtype=np.float64)
+                det = a * s_t - a_t * s
+                eps = (a * phi - a_t * x) / det
+                x0 = (s_t * x - s * phi) / det
+                return from_x0_eps(x0, eps, prediction, a, s)
+            f = self.consistency(x, a, s)
+            c_skip, c_out = (0.0, 1.0) if scalings is None else scalings(level)
+            x0 = (f - c_skip * x) / c_out
+            with np.errstate(divide="ignore", invalid="ignore"):
+                eps = (x - a * x0) / s
+            return from_x0_eps(x0, eps, prediction, a, s)
+        return call

@@ -38,7 +38,6 @@ __all__ = [
     "betas_from_alpha_bar",
     "rescale_zero_terminal_snr",
     "DiscreteSchedule",
-    "flow_match_sigmas",
     "ContinuousSchedule",
     "VPLinear",
     "Cosine",
@@ -885,23 +884,6 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float, append_zero: 
     _check_sigma_range(sigma_min, sigma_max)
     sig = np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), n)) if n > 1 else np.array([sigma_max])
     return validate_grid(np.append(sig, 0.0) if append_zero else sig, name="sigmas")
-
-
-def flow_match_sigmas(n: int, shift: float = 1.0, T: int = 1000, append_zero: bool = True) -> np.ndarray:
-    """Flow-matching sampling sigmas as SD3 / Flux pipelines build them (diffusers ``FlowMatchEulerDiscreteScheduler``
-    without dynamic shifting; ComfyUI's flow model sampling): n times linearly spaced from 1 down to the training
-    table's smallest shifted sigma s_min = shift(1 / T), each then shifted, sigma = s t / (1 + (s - 1) t), and a
-    final 0. Note the lower end is shifted twice (once in the table, once in the grid) — the convention both
-    libraries run, kept here so that a grid check compares like with like. Shape (n + 1,) with the zero."""
-    n = positive_int(n, "n")
-    T = positive_int(T, "T")
-    if not (0.0 < shift < np.inf):
-        raise ValueError(f"shift must be positive and finite, got {shift}")
-
-    def shifted(t):
-        return shift * t / (1.0 + (shift - 1.0) * t)
-    sig = shifted(np.linspace(1.0, shifted(1.0 / T), n))
-    return np.append(sig, 0.0) if append_zero else sig
 
 
 def log_snr_uniform_times(schedule: ContinuousSchedule, n: int, t_start: float = 1.0, t_end: float = 1e-3):

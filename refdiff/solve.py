@@ -75,15 +75,16 @@ def _shape(level: Level, x: np.ndarray) -> Level:
     def f(v):
         v = np.asarray(v, dtype=np.float64)
         return v.reshape((v.shape[0],) + (1,) * (x.ndim - 1)) if v.ndim == 1 else v
-    return Level(level.t, f(level.alpha), f(level.sigma), f(level.log_snr))
+    return replace(level, alpha=f(level.alpha), sigma=f(level.sigma), log_snr=f(level.log_snr))
 
 
 def _flat(level: Level) -> Level:
-    """The model sees scalars or per-row (B,) values, whatever shape the paper form used internally."""
+    """The model sees scalars or per-row (B,) values, whatever shape the paper form used internally (a Level
+    subclass, e.g. a TCD TargetLevel, keeps its extra fields)."""
     def f(v):
         v = np.asarray(v, dtype=np.float64)
         return v.reshape(v.shape[0]) if v.ndim > 1 else v[()]
-    return Level(level.t, f(level.alpha), f(level.sigma), f(level.log_snr))
+    return replace(level, alpha=f(level.alpha), sigma=f(level.sigma), log_snr=f(level.log_snr))
 
 
 def _model_fn(model, prediction, guidance):
@@ -96,13 +97,18 @@ def _model_fn(model, prediction, guidance):
         return o
 
     def call(x, level):
+        """(the guided output, the unconditional one): they are the same output without guidance."""
         out = model(x, _flat(level))
         if guidance is not None:
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise ValueError("with guidance the model must return (uncond, cond) outputs")
             mu, mc = output(out[0], x, "unconditional model output"), output(out[1], x, "conditional model output")
-            return mu + broadcast_rows(guidance, mu, "guidance") * (mc - mu)
-        return output(out, x, "model output")
+            return mu + broadcast_rows(guidance, mu, "guidance") * (mc - mu), mu
+        if isinstance(out, tuple):
+            raise ValueError("the model returned a tuple (an (uncond, cond) pair?): pass guidance= to combine it, or "
+                             "return one array")
+        m = output(out, x, "model output")
+        return m, m
     return call
 
 
@@ -152,6 +158,12 @@ def sample(sampler: Sampler, model: Callable, grid: Grid, x_T, noise=None, predi
         raise ValueError(f"model must be callable as model(x, level), got {type(model).__name__}")
     state = State() if state is None else state
     stop = _check_state(state, grid, x, steps)
+    first = grid.levels[state.step]
+    if not grid.inversion and not sampler.snr_zero_start and np.any(np.asarray(first.alpha) == 0):
+        raise ValueError(f"{sampler.name} cannot start at SNR 0 (alpha = 0 at level {state.step}: pure noise, flow "
+                         "time 1): it steps in VE coordinates x / alpha, sigma / alpha, infinite there. Start one "
+                         "level later, or use a sampler that starts from pure noise (DDIM, DDPM, DPMSolverPP, "
+                         "DPMSolverPP2MSDE, FlowEuler, FlowHeun, LCM, TCD, ...: snr_zero_start = True)")
     call = _model_fn(model, prediction, guidance)
     draw = noise_source(noise, x.shape)
     traj = [x] if return_trajectory else None
@@ -165,9 +177,12 @@ def sample(sampler: Sampler, model: Callable, grid: Grid, x_T, noise=None, predi
         if mode == "paper":
             def denoise(u, level):
                 flat = _flat(level)
-                return to_x0_eps(call(u, level), prediction, u, flat.alpha, flat.sigma)[0]
+                m, m_u = call(u, level)
+                D = to_x0_eps(m, prediction, u, flat.alpha, flat.sigma)[0]
+                D_u = D if m_u is m else to_x0_eps(m_u, prediction, u, flat.alpha, flat.sigma)[0]
+                return D, D_u
 
-            ctx = NumericContext(x, denoise, draw, state.history, shaped)
+            ctx = NumericContext(x, denoise, draw, state.history, shaped, with_uncond=True)
             x_new, extra = sampler.step(ctx, shaped.levels[i], shaped.levels[i + 1], state)
             evaluated = ctx.evaluated
             order = extra.get("order", order)
@@ -176,7 +191,7 @@ def sample(sampler: Sampler, model: Callable, grid: Grid, x_T, noise=None, predi
             hist = list(state.history)
             x_new = x
             for c in step_coeffs(sampler, grid, state, prediction):
-                m = call(x_new, c.level) if c.evaluate else None
+                m = call(x_new, c.level)[0] if c.evaluate else None
                 z = draw() if np.any(np.asarray(c.d) != 0) else None
                 h1 = hist[0] if len(hist) > 0 else None
                 h2 = hist[1] if len(hist) > 1 else None

@@ -125,9 +125,9 @@ def test_sigint_mid_run_exits_130_and_writes_no_report(tmp_path):
 
 
 def test_order_writes_table_and_plot(tmp_path):
-    code = cli.main(["order", "--out", str(tmp_path), "--ode-only"])
+    code = cli.main(["order", "--out", str(tmp_path), "--kind", "exact law", "--kind", "adaptive"])
     doc = json.loads((tmp_path / "order.json").read_text())
-    assert doc["schema"] == "refdiff.order/1" and doc["cases"]
+    assert doc["schema"] == "refdiff.order/2" and {c["kind"] for c in doc["cases"]} == {"exact law", "adaptive"}
     assert all(c["verdict"] in ("pass", "fail") for c in doc["cases"])
     assert code == (cli.EXIT_FAIL if doc["verdict"] == "fail" else cli.EXIT_PASS)
     assert "| sampler |" in (tmp_path / "order.md").read_text()
@@ -153,7 +153,7 @@ def test_bench_without_a_gpu_is_not_run():
 
 def test_order_bar_advances_once_per_sampler(tmp_path, monkeypatch):
     from refdiff import _progress
-    from refdiff.convergence import ode_samplers
+    from refdiff import convergence
 
     counts = []
 
@@ -167,6 +167,7 @@ def test_order_bar_advances_once_per_sampler(tmp_path, monkeypatch):
         def close(self):
             counts.append(self.n)
     monkeypatch.setattr(_progress, "progress_bar", lambda *a, **k: Bar())
-    monkeypatch.setattr("refdiff.convergence.ode_samplers", lambda: ode_samplers()[:2])
+    specs = convergence.specs
+    monkeypatch.setattr("refdiff.convergence.specs", lambda kinds=None: specs(kinds)[:2])
     assert cli.main(["order", "--out", str(tmp_path), "--ode-only"]) in (cli.EXIT_PASS, cli.EXIT_FAIL)
     assert counts == [2]

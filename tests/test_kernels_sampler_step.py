@@ -15,8 +15,10 @@ from refdiff import rng  # noqa: E402
 from refdiff import schedules as S  # noqa: E402
 from refdiff.convergence import oracle_model  # noqa: E402
 from refdiff.oracles import GaussianMixture  # noqa: E402
-from refdiff.samplers import (DDIM, DDPM, Churn, DPMSolver, DPMSolverPP, Euler, EulerAncestral, Grid, Heun,  # noqa: E402
-                              Level, SDEDPMSolverPP2M, StepCoeffs, UniPC, apply, step_coeffs)
+from refdiff.samplers import (DDIM, DDPM, SEEDS, TCD, Churn, DPM2Ancestral, DPMFast, DPMSolver,  # noqa: E402
+                              DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP2SAncestral, DPMSolverPP3MSDE, ERSDE, Euler,
+                              EulerAncestral, FlowEuler, FlowHeun, FlowStochastic, Grid, Heun, Level, RESMultistep,
+                              SDEDPMSolverPP2M, StepCoeffs, UniPC, apply, step_coeffs)
 from refdiff.samplers.base import State  # noqa: E402
 from bad_inputs import bad, refused  # noqa: E402
 from tolerances import kernel_rule_violation  # noqa: E402
@@ -115,6 +117,32 @@ def test_kernel_follows_the_error_rule(sampler, step, shape, dtype, layout, per_
     assert kernel_rule_violation(out, nv, ref, x.dtype) <= 1.0
     if c.evaluate:
         assert kernel_rule_violation(D, nD, Dref, x.dtype) <= 1.0
+
+
+# the affine samplers of the k-diffusion / ComfyUI, flow and consistency families (tests/test_samplers_k.py proves
+# their coefficient form equals their paper form): every stage at a start, middle and late step, both half and
+# single precision
+NEW_SAMPLERS = [FlowEuler(), FlowHeun(), FlowStochastic(), DPM2Ancestral(), DPMSolverPP2SAncestral(),
+                DPMSolverPP2MSDE(), DPMSolverPP2MSDE(solver_type="heun"), DPMSolverPP3MSDE(), RESMultistep(eta=1.0),
+                SEEDS(3, eta=0.0), DPMFast(23, eta=1.0), ERSDE(), TCD(0.3)]
+
+
+@pytest.mark.parametrize("sampler", NEW_SAMPLERS, ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_new_samplers_stages_follow_the_error_rule(sampler, dtype):
+    for step in (0, 3, 6):
+        for k in range(len(step_coeffs(sampler, _grid(), State(step=step, history=(0, 0))))):
+            c, coeffs, x, m_u, m_c, w, args = _case(sampler, step, (3, 97), dtype, "contiguous", False, k % 2 == 1,
+                                                    k)
+            cc = dict(coeffs)
+            evaluate = cc.pop("evaluate")
+            out, D = SS.sampler_step(x, cc, m_uncond=m_u, m_cond=m_c, evaluate=evaluate, **args)
+            ref, Dref = apply(c, _f64(x), _f64(m_u), _f64(args["d_prev1"]), _f64(args["d_prev2"]),
+                              _f64(args["noise"]), m_cond=_f64(m_c), guidance=w)
+            nv, nD = naive(c, x, m_u, args["d_prev1"], args["d_prev2"], args["noise"], m_c, w)
+            assert kernel_rule_violation(out, nv, ref, x.dtype) <= 1.0, (step, k)
+            if c.evaluate:
+                assert kernel_rule_violation(D, nD, Dref, x.dtype) <= 1.0, (step, k)
 
 
 @pytest.mark.parametrize("offset", [0, 5, 2 ** 32 + 3, 2 ** 40])

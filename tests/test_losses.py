@@ -9,7 +9,7 @@ from refdiff import schedules as S
 from refdiff import selfcheck as C
 from refdiff.oracles import GaussianData
 from bad_inputs import bad, refused
-from tolerances import EPS64, z_bound
+from tolerances import z_bound
 
 
 

@@ -112,12 +112,25 @@ def problem():
     return CV.default_problem()
 
 
-@pytest.mark.parametrize("sampler", CV.ode_samplers(), ids=lambda s: s.name)
-def test_ode_convergence_order(sampler, problem):
-    warm = CV.warmup_limited(sampler)
-    errs = CV.ode_errors(sampler, problem, exact_warmup=warm)
-    want = sampler.order if warm else sampler.convergence_order
-    assert abs(CV.fitted_order(CV.ODE_NS, errs) - want) <= ORDER_TOL, errs
+_PROBLEMS = {}                           # the order table's problems, built once for all rows
+
+
+@pytest.mark.parametrize("spec", CV.specs(), ids=lambda s: f"{s.kind}:{s.label}")
+def test_order_table_row(spec):
+    """Every row of ``refdiff order`` at its declaration: ODE orders against DOP853, the strong order on a shared
+    Brownian path, weak orders of the exact Gaussian law, consistency samplers' exact law, DPM-adaptive's
+    tolerance proportionality (refdiff.convergence for the problems, grids and tolerances)."""
+    case = CV.run_spec(spec, _PROBLEMS)
+    assert case["verdict"] == "pass", case
+
+
+def test_order_table_covers_the_samplers_in_use():
+    rows = CV.specs()
+    names = {s.label.split(" [")[0].split(" (nfe")[0] for s in rows}
+    assert len(names) >= 35, sorted(names)
+    assert {s.kind for s in rows} == set(CV.KINDS)
+    with pytest.raises(ValueError, match="unknown kinds"):
+        CV.specs(["ode"])
 
 
 @pytest.mark.parametrize("sampler", [LMS(3), DPMSolverPP(3, halved_d2=True)], ids=lambda s: s.name)
@@ -157,12 +170,6 @@ def test_dpmsolver_pp_3m_steps_are_third_order_but_the_warm_up_limits_the_run_to
     assert s.order == 3 and s.convergence_order == 2
     res = sample(s, oracle_model(GMM), _grid(40), np.zeros((1, 2)))
     assert res.state.orders[:3] == (1, 2, 3) and set(res.state.orders[2:]) == {3}
-
-
-def test_sde_strong_order_on_a_shared_brownian_path(problem):
-    """Euler-Maruyama on the reverse VP SDE (additive noise: strong order 1), on nested grids sharing one path."""
-    errs = CV.strong_errors(problem)
-    assert abs(CV.fitted_order(CV.SDE_NS, errs) - ReverseEulerMaruyama.strong_order) <= STRONG_TOL, errs
 
 
 # -- exact output law (Gaussian data) ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from .. import schedules as S
+from ..grids import flow_sigmas
 from ..convergence import oracle_model
 from ..oracles import GaussianMixture
 from ..samplers import (DDIM, DDPM, DEIS, DPM2, LMS, Churn, DPMSolverPP, DPMSolverPPSDE, DPMSolverPPSinglestep, Euler,
@@ -702,10 +703,10 @@ class _FlowMatchEuler(_Adapter):
         return None
 
     def grid_findings(self, sched, config, kw, ref):
-        """SD3 / Flux grids (refdiff.schedules.flow_match_sigmas): a linspace in time, shifted; computed in float64
-        from a float32 table entry and cast once (a few u)."""
+        """SD3 / Flux grids (refdiff.grids.flow_sigmas): a linspace in time, shifted; computed in float64 from a
+        float32 table entry and cast once (a few u)."""
         n = config["steps"]
-        want = S.flow_match_sigmas(n, float(config["beta_schedule"].split()[1]))
+        want = flow_sigmas(n, shift=float(config["beta_schedule"].split()[1]))
         return [TB.compare_sigmas(_numpy(sched.sigmas), want, np.append(np.full(n, 4.0 * TB.U32), 0.0))]
 
     def grid(self, sched, table):

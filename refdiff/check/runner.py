@@ -28,7 +28,6 @@ import sys
 import threading
 import traceback
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 

@@ -30,7 +30,7 @@ from ..parametrization import PREDICTIONS
 from ..schedules import ContinuousSchedule, DiscreteSchedule, validate_grid
 
 __all__ = ["Level", "Grid", "AffineAlgebra", "Affine", "StepCoeffs", "State", "Sampler", "NumericContext",
-           "SymbolicContext", "model_coeffs", "apply", "step_coeffs", "ELIMINATION_RTOL"]
+           "SymbolicContext", "model_coeffs", "apply", "step_coeffs", "check_noise_scale", "ELIMINATION_RTOL"]
 
 ELIMINATION_RTOL = 1e-11       # old noise must cancel when a stage is rewritten in its own input
 
@@ -241,19 +241,33 @@ class NumericContext:
 
     symbolic = False
 
-    def __init__(self, x, denoise: Callable, noise: Callable, history, grid: Grid):
+    def __init__(self, x, denoise: Callable, noise: Callable, history, grid: Grid, with_uncond: bool = False):
         self.x = x
         self.grid = grid
         self._denoise = denoise
         self._noise = noise
+        self._with_uncond = with_uncond
         self.history = history
         self.evaluated = []
+        self.uncond = []
         self.n_noise = 0
 
     def denoise(self, x, level: Level):
-        d = self._denoise(x, level)
+        """The (guided) data prediction at x; with ``with_uncond`` the denoise callable returns (D, D_uncond) and
+        the unconditional one is kept for ``uncond_denoised`` (CFG++)."""
+        if self._with_uncond:
+            d, d_u = self._denoise(x, level)
+        else:
+            d = d_u = self._denoise(x, level)
         self.evaluated.append(d)
+        self.uncond.append(d_u)
         return d
+
+    def uncond_denoised(self):
+        """The unconditional data prediction of the last model evaluation (the guided one without guidance)."""
+        if not self.uncond:
+            raise ValueError("no model evaluation yet in this step")
+        return self.uncond[-1]
 
     def noise(self):
         self.n_noise += 1
@@ -286,6 +300,16 @@ class SymbolicContext:
         self.n_noise += 1
         return z
 
+    def uncond_denoised(self):
+        raise NotImplementedError("the step reads the unconditional prediction apart from the guided one (CFG++): "
+                                  "the kernel's stage combines them first, so there is no coefficient form")
+
+
+def check_noise_scale(eta, s_noise) -> None:
+    """eta (the SDE / ancestral noise scale) and s_noise (the noise multiplier): finite and >= 0 (NaN refused)."""
+    if not (0.0 <= eta < np.inf and 0.0 <= s_noise < np.inf):
+        raise ValueError(f"eta and s_noise must be finite and >= 0, got eta {eta}, s_noise {s_noise}")
+
 
 class Sampler:
     """Base class. Subclasses set ``name``, ``order`` (ODE), ``strong_order`` / ``weak_order`` (SDE) and
@@ -302,6 +326,9 @@ class Sampler:
     weak_order = None
     stochastic = False
     history_needed = 0
+    # whether the first level may be at SNR 0 (alpha = 0: pure noise, a zero-terminal-SNR table's first timestep,
+    # flow time 1). Samplers in VE coordinates (x / alpha, sigma / alpha) are infinite there and refuse
+    snr_zero_start = False
 
     def step(self, ctx, cur: Level, nxt: Level, state: State):
         raise NotImplementedError

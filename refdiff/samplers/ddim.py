@@ -31,6 +31,8 @@ class DDIM(Sampler):
     increasing grid: that is DDIM inversion (eta must be 0 there).
     """
 
+    snr_zero_start = True
+
     history_needed = 0
 
     def __init__(self, eta: float = 0.0):
@@ -67,6 +69,8 @@ class DDPM(Sampler):
                        coefficient).
     The last step into the data adds no noise (as in the papers' samplers).
     """
+
+    snr_zero_start = True
 
     stochastic = True
     weak_order = 1

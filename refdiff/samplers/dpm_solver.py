@@ -15,9 +15,11 @@ from __future__ import annotations
 import numpy as np
 
 from .._math import exp_remainder
-from .base import Level, Sampler, State
+from .._validate import positive_int
+from .base import Level, Sampler, State, check_noise_scale
+from .karras import _ancestral
 
-__all__ = ["DPMSolver", "DPMSolverPP", "DPMSolverPPSinglestep", "SDEDPMSolverPP2M", "DEIS", "LOWER_ORDER_FINAL_STEPS",
+__all__ = ["DPMSolver", "DPMFast", "dpm_fast_orders", "dpm_fast_sigmas", "dpm_solver_step", "DPMSolverPP", "DPMSolverPPSinglestep", "SDEDPMSolverPP2M", "DEIS", "LOWER_ORDER_FINAL_STEPS",
            "multistep_order"]
 
 LOWER_ORDER_FINAL_STEPS = 15      # diffusers lowers the final orders only for runs shorter than this
@@ -40,15 +42,18 @@ def _h(cur: Level, nxt: Level):
 
 class DPMSolver(Sampler):
     """Singlestep DPM-Solver-k in noise-prediction form (Lu et al. 2022a, Eq. 3.7 for k = 1 and Alg. 1-2 with
-    r1 = 1/2, and r1 = 1/3, r2 = 2/3). Intermediate levels at lambda_s + r h come from the grid's schedule."""
+    r1 = 1/2 (``r1`` to change it), and r1 = 1/3, r2 = 2/3). Intermediate levels at lambda_s + r h come from the
+    grid's schedule."""
 
     history_needed = 0
 
-    def __init__(self, order: int = 2):
+    def __init__(self, order: int = 2, r1: float = 0.5):
         if order not in (1, 2, 3):
             raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
-        self.order = order
-        self.name = f"DPMSolver-{order}"
+        if not 0.0 < r1 < 1.0:
+            raise ValueError(f"DPM-Solver-2's r1 must lie in (0, 1), got {r1}")
+        self.order, self.r1 = order, float(r1)
+        self.name = f"DPMSolver-{order}" + (f"(r1={r1:g})" if order == 2 and r1 != 0.5 else "")
 
     def step_order(self, state, grid):
         return 1 if grid.levels[state.step + 1].is_data else self.order
@@ -56,36 +61,107 @@ class DPMSolver(Sampler):
     def step(self, ctx, cur: Level, nxt: Level, state: State):
         x = ctx.x
         D = ctx.denoise(x, cur)
-        eps = (x - D * cur.alpha) / cur.sigma
         if nxt.is_data:
             return D * nxt.alpha, {"order": 1}
-        h = _h(cur, nxt)
-        a_t, s_t, a_s = nxt.alpha, nxt.sigma, cur.alpha
-        em1 = np.expm1(h)                                            # e^h - 1
-        if self.order == 1:
-            return x * (a_t / a_s) - eps * (s_t * em1), {"order": 1}
+        return dpm_solver_step(ctx, x, D, cur, nxt, self.order, self.r1), {"order": self.order}
 
-        def level(r):
-            return ctx.grid.level_at(np.asarray(cur.log_snr) + 2.0 * r * h)
 
-        def eps_at(u, lvl):
-            return (u - ctx.denoise(u, lvl) * lvl.alpha) / lvl.sigma
+def dpm_solver_step(ctx, x, D, cur: Level, nxt: Level, order: int, r1: float = 0.5):
+    """One DPM-Solver-``order`` step from ``cur`` (where D = D(x) is already evaluated) to ``nxt`` (not the data)."""
+    eps = (x - D * cur.alpha) / cur.sigma
+    h = _h(cur, nxt)
+    a_t, s_t, a_s = nxt.alpha, nxt.sigma, cur.alpha
+    em1 = np.expm1(h)                                            # e^h - 1
+    if order == 1:
+        return x * (a_t / a_s) - eps * (s_t * em1)
 
-        if self.order == 2:
-            r1 = 0.5
-            l1 = level(r1)
-            u = x * (l1.alpha / a_s) - eps * (l1.sigma * np.expm1(r1 * h))
-            e1 = eps_at(u, l1)
-            return x * (a_t / a_s) - eps * (s_t * em1) - (e1 - eps) * (s_t / (2.0 * r1) * em1), {"order": 2}
-        r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-        l1, l2 = level(r1), level(r2)
-        u1 = x * (l1.alpha / a_s) - eps * (l1.sigma * np.expm1(r1 * h))
-        d1 = eps_at(u1, l1) - eps
-        phi_r2 = exp_remainder(r2 * h, 2) / (r2 * h)                  # (e^{r2 h} - 1) / (r2 h) - 1
-        u2 = x * (l2.alpha / a_s) - eps * (l2.sigma * np.expm1(r2 * h)) - d1 * (l2.sigma * r2 / r1 * phi_r2)
-        d2 = eps_at(u2, l2) - eps
-        phi = exp_remainder(h, 2) / h                                 # (e^h - 1) / h - 1
-        return x * (a_t / a_s) - eps * (s_t * em1) - d2 * (s_t / r2 * phi), {"order": 3}
+    def level(r):
+        return ctx.grid.level_at(np.asarray(cur.log_snr) + 2.0 * r * h)
+
+    def eps_at(u, lvl):
+        return (u - ctx.denoise(u, lvl) * lvl.alpha) / lvl.sigma
+
+    if order == 2:
+        l1 = level(r1)
+        u = x * (l1.alpha / a_s) - eps * (l1.sigma * np.expm1(r1 * h))
+        e1 = eps_at(u, l1)
+        return x * (a_t / a_s) - eps * (s_t * em1) - (e1 - eps) * (s_t / (2.0 * r1) * em1)
+    r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+    l1, l2 = level(r1), level(r2)
+    u1 = x * (l1.alpha / a_s) - eps * (l1.sigma * np.expm1(r1 * h))
+    d1 = eps_at(u1, l1) - eps
+    phi_r2 = exp_remainder(r2 * h, 2) / (r2 * h)                  # (e^{r2 h} - 1) / (r2 h) - 1
+    u2 = x * (l2.alpha / a_s) - eps * (l2.sigma * np.expm1(r2 * h)) - d1 * (l2.sigma * r2 / r1 * phi_r2)
+    d2 = eps_at(u2, l2) - eps
+    phi = exp_remainder(h, 2) / h                                 # (e^h - 1) / h - 1
+    return x * (a_t / a_s) - eps * (s_t * em1) - d2 * (s_t / r2 * phi)
+
+
+def dpm_fast_orders(nfe: int) -> list:
+    """k-diffusion's DPM-fast order sequence for ``nfe`` evaluations: m = nfe // 3 + 1 steps, third order except
+    the last ones: [3, ..., 3, 2, 1] when 3 divides nfe, else [3, ..., 3, nfe % 3] (Lu et al. 2022a, Sec. 3.4)."""
+    nfe = positive_int(nfe, "nfe")
+    m = nfe // 3 + 1
+    if nfe % 3 == 0:
+        return [3] * (m - 2) + [2, 1]
+    return [3] * (m - 1) + [nfe % 3]
+
+
+class DPMFast(Sampler):
+    """DPM-fast (Lu et al. 2022a, Sec. 3.4; k-diffusion ``sample_dpm_fast``): singlestep DPM-Solver with the orders
+    of ``dpm_fast_orders(nfe)`` on a grid of len(orders) steps uniform in lambda (``Grid`` of ``dpm_fast_sigmas``),
+    and k-diffusion's ancestral noise for eta > 0 (each step to max(sigma_down, sigma_end), then noise of the
+    remaining variance). The orders' tail limits the run: with a final first-order step (nfe % 3 != 2) the global
+    order is 2, with a final second-order step 3."""
+
+    history_needed = 0
+
+    def __init__(self, nfe: int, eta: float = 0.0, s_noise: float = 1.0):
+        check_noise_scale(eta, s_noise)
+        self.nfe, self.orders = int(nfe), dpm_fast_orders(nfe)
+        self.eta, self.s_noise = float(eta), float(s_noise)
+        self.stochastic = eta > 0 and s_noise > 0
+        final = 3 if self.orders[-1] == 2 else 2
+        self.order, self.global_order = (3, final) if not self.stochastic else (None, None)
+        self.weak_order = 1 if self.stochastic else None
+        self.name = f"DPM-fast(nfe={nfe}" + (f",eta={eta:g})" if self.stochastic else ")")
+
+    def step_order(self, state, grid):
+        return self._orders_for(grid)[state.step]
+
+    def _orders_for(self, grid):
+        if len(grid) != len(self.orders):
+            raise ValueError(f"DPM-fast with nfe={self.nfe} runs {len(self.orders)} steps, the grid has {len(grid)}: "
+                             f"build it with dpm_fast_sigmas(nfe, ...)")
+        return self.orders
+
+    def step(self, ctx, cur: Level, nxt: Level, state: State):
+        order = self._orders_for(ctx.grid)[state.step]
+        if nxt.is_data:
+            raise ValueError("DPM-fast ends at sigma_min > 0 (k-diffusion refuses sigma_min = 0)")
+        x = ctx.x
+        D = ctx.denoise(x, cur)
+        target, up = nxt, 0.0
+        if self.stochastic:
+            end = ctx.grid.levels[-1]
+            _, down = _ancestral(cur.sigma_ve, nxt.sigma_ve, self.eta)
+            s_to = np.maximum(down, end.sigma_ve)
+            up = np.sqrt(nxt.sigma_ve ** 2 - s_to ** 2)
+            target = ctx.grid.level_at(-2.0 * np.log(s_to)) if np.any(s_to != nxt.sigma_ve) else nxt
+        out = dpm_solver_step(ctx, x, D, cur, target, order)
+        out = out * (nxt.alpha / target.alpha)               # VE coordinates: the noise moves x at fixed alpha
+        if self.stochastic:
+            out = out + ctx.noise() * (nxt.alpha * up * self.s_noise)
+        return out, {"order": order}
+
+
+def dpm_fast_sigmas(nfe: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """The len(dpm_fast_orders(nfe)) + 1 VE sigmas of DPM-fast, uniform in t = -log sigma from sigma_max down to
+    sigma_min (both > 0)."""
+    if not (0.0 < sigma_min < sigma_max < np.inf):
+        raise ValueError(f"DPM-fast needs 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
+    m = len(dpm_fast_orders(nfe))
+    return np.exp(-np.linspace(-np.log(sigma_max), -np.log(sigma_min), m + 1))
 
 
 class DPMSolverPP(Sampler):
@@ -103,6 +179,8 @@ class DPMSolverPP(Sampler):
     (``halved_d2=True`` reproduces them; measured in tests/test_samplers.py). From a cold start the first-order
     warm-up step (local error O(h^2)) limits any 3M run to global order 2 as well; ``global_order`` records this.
     """
+
+    snr_zero_start = True
 
     history_needed = 2
 
@@ -152,6 +230,8 @@ class SDEDPMSolverPP2M(Sampler):
         x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D_s + alpha_t (1 - e^{-2h}) / 2 D1
               + sigma_t sqrt(1 - e^{-2h}) z,  D1 = (D_s - D_{s-1}) / r  (absent on the first step)
     """
+
+    snr_zero_start = True
 
     stochastic = True
     weak_order = 2                  # measured on the exact Gaussian output law: covariance error ~ h^2

@@ -15,7 +15,7 @@ import numpy as np
 from ..oracles import GaussianData
 from .base import Grid, Sampler, State, step_coeffs
 
-__all__ = ["GaussianLaw", "gaussian_output_law", "gaussian_marginal"]
+__all__ = ["GaussianLaw", "gaussian_output_law", "gaussian_marginal", "output_law_by_map"]
 
 
 class GaussianLaw(NamedTuple):
@@ -74,3 +74,48 @@ def gaussian_output_law(sampler: Sampler, data: GaussianData, grid: Grid, start:
             cov[:D, :D] += float(c.d) ** 2 * I
         state = State(step=i + 1, history=(0, 0), orders=state.orders + (sampler.step_order(state, grid),))
     return GaussianLaw(mean[:D], 0.5 * (cov[:D, :D] + cov[:D, :D].T))
+
+
+def output_law_by_map(sampler: Sampler, data: GaussianData, grid: Grid, model=None, start: GaussianLaw | None = None,
+                      prediction: str = "x0") -> GaussianLaw:
+    """The exact output law of any sampler whose run is affine given Gaussian data and an affine model, from its
+    paper form: out = A x_T + sum_k B_k z_k + c is read off one batched run on basis inputs (x_T = 0 and e_j with
+    no noise; each draw z_k = e_j alone), then mean = A mu + c and cov = A Sigma A^T + sum_k B_k B_k^T.
+
+    Covers the samplers without a coefficient form (multistep ones carrying past x, consistency samplers, SDE solvers
+    with more history); not samplers whose coefficients read the sample itself (the Langevin corrector's norms) or
+    adaptive step sizes. ``model(x, level)`` defaults to the exact denoiser as an x0 prediction.
+    """
+    from ..solve import sample
+
+    D = data.D
+    first = grid.levels[0]
+    start = gaussian_marginal(data, float(first.alpha), float(first.sigma)) if start is None else start
+    if model is None:
+        model = (lambda x, level: data.denoise(x, level.alpha, level.sigma))
+        prediction = "x0"
+    count = []
+
+    def counting():
+        count.append(1)
+        return np.zeros((1, D))
+    sample(sampler, model, grid, np.zeros((1, D)), noise=counting if sampler.stochastic else None,
+           prediction=prediction, progress=False)
+    K = len(count)
+    rows = 1 + D + K * D
+    x = np.zeros((rows, D))
+    x[1:1 + D] = np.eye(D)
+    draws = iter(range(K))
+
+    def basis_noise():
+        k = next(draws)
+        z = np.zeros((rows, D))
+        z[1 + D + k * D: 1 + D + (k + 1) * D] = np.eye(D)
+        return z
+    out = sample(sampler, model, grid, x, noise=basis_noise if K else None, prediction=prediction, progress=False).x
+    c = out[0]
+    A = (out[1:1 + D] - c).T                                  # column j: the response to x_T = e_j
+    B = (out[1 + D:] - c).reshape(K, D, D).transpose(0, 2, 1)  # B[k][:, j]: the response to z_k = e_j
+    mean = A @ start.mean + c
+    cov = A @ start.cov @ A.T + sum((b @ b.T for b in B), np.zeros((D, D)))
+    return GaussianLaw(mean, 0.5 * (cov + cov.T))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Level, Sampler, State
+from .base import Level, Sampler, State, check_noise_scale
 
-__all__ = ["Euler", "Heun", "EulerAncestral", "DPM2", "DPMSolverPPSDE", "LMS", "Churn"]
+__all__ = ["Euler", "Heun", "EulerAncestral", "DPM2", "DPMSolverPPSDE", "LMS", "Churn", "GradientEstimation", "HeunPP2"]
 
 SQRT2_MINUS_1 = np.sqrt(2.0) - 1.0       # EDM's cap on gamma
 # Gauss-Legendre nodes and weights on [-1, 1]: 4 points integrate the degree <= 3 Lagrange bases of LMS exactly
@@ -132,8 +132,7 @@ class EulerAncestral(Sampler):
     history_needed = 0
 
     def __init__(self, eta: float = 1.0, s_noise: float = 1.0):
-        if not (0.0 <= eta < np.inf and 0.0 <= s_noise < np.inf):
-            raise ValueError(f"eta and s_noise must be finite and >= 0, got eta {eta}, s_noise {s_noise}")
+        check_noise_scale(eta, s_noise)
         self.eta, self.s_noise = float(eta), float(s_noise)
         self.name = f"EulerAncestral(eta={eta:g})"
 
@@ -193,6 +192,10 @@ class DPMSolverPPSDE(Sampler):
                              f"{s_noise}")
         self.eta, self.r, self.s_noise = float(eta), float(r), float(s_noise)
         self.stochastic = eta > 0
+        # the second stage restarts from x with the first stage's D_r mixed in but not its noise: on the exact
+        # Gaussian law the covariance error is O(h) (refdiff order)
+        self.weak_order = 1 if self.stochastic else None
+        self.order = None if self.stochastic else 2             # eta = 0: DPM-Solver++(2S) with r (second order)
         self.name = f"DPMSolver++SDE(eta={eta:g})"
 
     def _noise(self, ctx, up):
@@ -263,3 +266,71 @@ class LMS(Sampler):
             out = out + d * (0.5 * (sn - s) * coef)
         keep = {"d": ds[:self.order - 1], "sigmas": tuple(nodes[:self.order - 1]), "order": k}
         return _from_ve(out, nxt), keep
+
+
+class GradientEstimation(Sampler):
+    """The gradient-estimation sampler (Permenter & Yuan 2024, Alg. 2; ComfyUI ``gradient_estimation``): Euler in
+    VE sigma with the derivative extrapolated by the last change, d_bar = d + (gamma - 1) (d - d_old), i.e.
+    x' = x + (sigma' - sigma) d_bar for every step after the first (Euler), the step into sigma = 0 included (as
+    ComfyUI). gamma = 2 by default. The fixed extrapolation ignores the step sizes: a first-order method on general
+    grids. ``cfg_pp=True``: ComfyUI's ``gradient_estimation_cfg_pp``, d from the unconditional prediction and
+    x' = D_g + sigma' d + (gamma - 1)(d - d_old)(sigma' - sigma). Past d travels in ``State.extra``: paper form
+    only."""
+
+    order = 1
+    history_needed = 0
+
+    def __init__(self, gamma: float = 2.0, cfg_pp: bool = False):
+        if not np.isfinite(gamma):
+            raise ValueError(f"gamma must be finite, got {gamma}")
+        self.gamma, self.cfg_pp = float(gamma), bool(cfg_pp)
+        self.name = f"GradientEstimation(gamma={gamma:g})" + ("(CFG++)" if cfg_pp else "")
+
+    def step(self, ctx, cur: Level, nxt: Level, state: State):
+        if ctx.symbolic:
+            raise NotImplementedError("gradient estimation reads the previous derivative (x_old - D_old) / sigma_old, "
+                                      "which needs the previous x: paper form only")
+        x = _ve(ctx.x, cur)
+        s, sn = cur.sigma_ve, nxt.sigma_ve
+        D = ctx.denoise(ctx.x, cur)
+        d = (x - (ctx.uncond_denoised() if self.cfg_pp else D)) / s
+        corr = 0.0 if state.step == 0 else (d - state.extra["d"]) * ((self.gamma - 1.0) * (sn - s))
+        out = D + d * sn + corr if self.cfg_pp else x + d * (sn - s) + corr
+        return _from_ve(out, nxt), {"d": d}
+
+
+class HeunPP2(Sampler):
+    """Heun++ (ComfyUI ``heunpp2``, from sd-webui-samplers-scheduler): with the next two levels ahead, a three-stage
+    step x' = x + (sigma' - sigma)(w1 d + w2 d2 + w3 d3), d2 at the Euler point at sigma', d3 one Euler step further
+    at sigma'' (the level after), w2 = sigma' / (3 sigma_0), w3 = sigma'' / (3 sigma_0), w1 = 1 - w2 - w3, sigma_0
+    the run's first level; before the last step Heun weighted w2 = sigma' / (2 sigma_0); the last step Euler. The
+    weights fade to Euler as sigma / sigma_0 shrinks: a first-order method."""
+
+    order = 1
+    history_needed = 0
+    name = "HeunPP2"
+
+    def step(self, ctx, cur: Level, nxt: Level, state: State):
+        if ctx.symbolic:
+            raise NotImplementedError("Heun++'s weights read the run's first level: paper form only")
+        lv = ctx.grid.levels
+        i = state.step
+        x = _ve(ctx.x, cur)
+        s, sn = cur.sigma_ve, nxt.sigma_ve
+        s0 = lv[0].sigma_ve
+        D = ctx.denoise(ctx.x, cur)
+        d = (x - D) / s
+        dt = sn - s
+        if i + 1 == len(lv) - 1:                                   # the last step: Euler
+            return _from_ve(x + d * dt, nxt), {"order": 1}
+        x2 = x + d * dt
+        d2 = (x2 - ctx.denoise(_from_ve(x2, nxt), nxt)) / sn
+        if i + 2 == len(lv) - 1:                                   # the step before the last: weighted Heun
+            w2 = sn / (2.0 * s0)
+            return _from_ve(x + (d * (1.0 - w2) + d2 * w2) * dt, nxt), {"order": 2}
+        nn = lv[i + 2]
+        snn = nn.sigma_ve
+        x3 = x2 + d2 * (snn - sn)
+        d3 = (x3 - ctx.denoise(_from_ve(x3, nn), nn)) / snn
+        w2, w3 = sn / (3.0 * s0), snn / (3.0 * s0)
+        return _from_ve(x + (d * (1.0 - w2 - w3) + d2 * w2 + d3 * w3) * dt, nxt), {"order": 3}

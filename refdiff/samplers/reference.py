@@ -28,6 +28,8 @@ class RK4(Sampler):
     history slots, so RK4 is a reference integrator with a paper form only.
     """
 
+    snr_zero_start = True
+
     order = 4
     history_needed = 0
     name = "RK4"
