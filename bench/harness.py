@@ -11,7 +11,6 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 from refdiff._io import check_output_dir, write_text
 

@@ -24,4 +24,9 @@ python -m pytest -q -p no:cacheprovider tests/test_kernels_sampler_step.py tests
     tests/test_kernels_attention.py tests/test_rng.py 2>&1 | tee "$RESULTS/kernel_tests_native.log"
 python bench/sampler_step.py --out "$RESULTS" 2>&1 | tee "$RESULTS/sampler_step.log"
 python bench/attention.py --out "$RESULTS" 2>&1 | tee "$RESULTS/attention.log"
+if python -c "import torch, sys; sys.exit(torch.cuda.device_count() < 2)"; then
+    python bench/distributed_attention.py --out "$RESULTS" 2>&1 | tee "$RESULTS/distributed_attention.log"
+else
+    echo "one GPU: sequence-parallel attention not benchmarked (needs 2+)" | tee "$RESULTS/distributed_attention.log"
+fi
 if [ -n "${OUT:-}" ]; then cp -r "$RESULTS"/. "$OUT"/; fi

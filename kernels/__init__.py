@@ -22,6 +22,8 @@ _LAZY = {
     "attention": "kernels.flash_attention",
     "attention_backward": "kernels.flash_attention",
     "p2p_attention": "kernels.flash_attention",
+    "ring_attention": "kernels.distributed",
+    "ulysses_attention": "kernels.distributed",
 }
 
 __all__ = ["interpreter_active", "select_backend", *_LAZY]

@@ -244,18 +244,21 @@ def attention(q, k, v, scale=None, return_lse: bool = False, input_precision: st
 
 
 def attention_forward(q, k, v, scale=None, input_precision=None, out=None, lse=None):
-    """The forward kernel alone: (out, lse), no autograd. ``out`` (q's shape and dtype) and ``lse`` ((B, H, N_q)
-    float32) may be given, with any strides."""
+    """The forward kernel alone: (out, lse), no autograd. ``out`` (q's shape, q's dtype or float32: an fp32 buffer
+    keeps a partial result unrounded for an exact LSE merge, as sequence-parallel attention does) and ``lse``
+    ((B, H, N_q) float32) may be given, with any strides."""
     _check_qkv(q, k, v)
     precision = _precision(q.dtype, input_precision)
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d1, d2 = head_dim_split(D)
-    for name, buf, shape, dtype in (("out", out, tuple(q.shape), q.dtype), ("lse", lse, (B, H, NQ), torch.float32)):
+    for name, buf, shape, dtypes in (("out", out, tuple(q.shape), (q.dtype, torch.float32)),
+                                     ("lse", lse, (B, H, NQ), (torch.float32,))):
         if buf is None:
             continue
-        if not isinstance(buf, torch.Tensor) or tuple(buf.shape) != shape or buf.dtype != dtype:
-            raise ValueError(f"{name} must be a {dtype} tensor of shape {shape}, got "
+        if not isinstance(buf, torch.Tensor) or tuple(buf.shape) != shape or buf.dtype not in dtypes:
+            allowed = " or ".join(map(str, dict.fromkeys(dtypes)))
+            raise ValueError(f"{name} must be a {allowed} tensor of shape {shape}, got "
                              f"{(buf.dtype, tuple(buf.shape)) if isinstance(buf, torch.Tensor) else type(buf).__name__}")
         if buf.device != q.device:
             raise ValueError(f"{name} is on {buf.device}, q on {q.device}: all tensors must be on the same device")
@@ -450,8 +453,14 @@ BWD_CONFIG = (64, 64, 4, 2)        # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 BWD_CONFIG_WIDE = (32, 32, 4, 1)   # head dims past 128: smaller tiles keep q, k, v, dO tiles in shared memory
 
 
-def attention_backward(q, k, v, out, lse, d_out, scale, input_precision=None):
-    """(dq, dk, dv) of softmax(scale q k^T) v given d_out, using the forward's out and lse (any strides)."""
+def attention_backward(q, k, v, out, lse, d_out, scale, input_precision=None, grad_dtype=None):
+    """(dq, dk, dv) of softmax(scale q k^T) v given d_out, using the forward's out and lse (any strides).
+
+    With the full softmax's out and lse and a block of the keys, the result is that block's exact share of the
+    gradients (what sequence-parallel attention sums). ``grad_dtype`` torch.float32 returns them unrounded
+    (default: the inputs' dtype)."""
+    if grad_dtype not in (None, torch.float32, q.dtype):
+        raise ValueError(f"grad_dtype must be None, torch.float32 or the inputs' dtype, got {grad_dtype}")
     _check_qkv(q, k, v)
     precision = _precision(q.dtype, input_precision)
     B, H, NQ, D = q.shape
@@ -467,7 +476,8 @@ def attention_backward(q, k, v, out, lse, d_out, scale, input_precision=None):
     d_out = d_out.to(q.dtype)
     delta = (d_out.float() * out.float()).sum(-1).contiguous()           # rowsum(dO * O), float32 (B, H, N_q)
     lse = lse.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    gd = q.dtype if grad_dtype is None else grad_dtype
+    dq, dk, dv = (torch.empty(t.shape, dtype=gd, device=t.device) for t in (q, k, v))
     if q.numel() == 0:
         return dq, dk, dv
     bm, bn, warps, stages = INTERPRETER_CONFIG if interpreter_active() else (

@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 
 from kernels import flash_attention as KA  # noqa: E402
 from refdiff.attention import attention as ref_attention  # noqa: E402
+from attention_rule import backward_violations, forward_violations  # noqa: E402
 from bad_inputs import bad, refused  # noqa: E402
 from tolerances import EPS32, KERNEL_FLOOR_ULPS, kernel_rule_violation  # noqa: E402
 
@@ -31,30 +32,11 @@ def _inputs(B, H, NQ, NK, d, dtype, scale, layout, seed):
     return mk(NQ), mk(NK), mk(NK)
 
 
-def naive(q, k, v, scale):
-    """Plain torch in the storage dtype (FlashAttention's attention_ref without upcasting)."""
-    s = (q @ k.transpose(-1, -2)) * scale
-    return torch.softmax(s, dim=-1) @ v, torch.logsumexp(s, dim=-1)
-
-
 def _check(q, k, v, precision=None):
-    d = q.shape[-1]
     out = torch.full_like(q, float("nan"))                                 # NaN-poisoned: unwritten rows fail
     lse = torch.full(q.shape[:3], float("nan"), device=DEVICE)
     KA.attention(q, k, v, return_lse=True, input_precision=precision, out=out, lse=lse)
-    Q, K, V = (t.double().cpu().numpy() for t in (q, k, v))
-    ref = ref_attention(Q, K, V)
-    n_out, n_lse = naive(q, k, v, 1.0 / math.sqrt(d))
-    # lse = m + log l: the max logit, a dot product rounded at the scale sum_d |q| |k| / sqrt(d), plus the log of
-    # the rescaled sum; its floor sits at the size of those terms (in float64 from the reference)
-    logits = np.einsum("bhqd,bhkd->bhqk", Q, K) / math.sqrt(d)
-    m = np.max(logits, axis=-1)
-    dot_terms = np.max(np.einsum("bhqd,bhkd->bhqk", np.abs(Q), np.abs(K)), axis=-1) / math.sqrt(d)
-    lse_terms = float(np.max(dot_terms + np.abs(ref.lse - m)))
-    # the output also inherits the kernel's fp32 logits rounding, d out ~ |v| d s with |d s| ~ eps32 x their terms
-    logit_floor = KERNEL_FLOOR_ULPS * EPS32 * float(np.max(np.abs(V)) * np.max(dot_terms))
-    return (kernel_rule_violation(out, n_out, ref.out, q.dtype, extra_floor=logit_floor),
-            kernel_rule_violation(lse, n_lse, ref.lse, torch.float32, floor_scale=lse_terms))   # lse is float32
+    return forward_violations(out, lse, q, k, v)
 
 
 @settings(max_examples=40)
@@ -125,8 +107,12 @@ BAD = [
         ValueError, "lse must be a torch.float32", "int32-lse-buffer"),
     bad(lambda: KA.attention(Q16, Q16, Q16, lse=torch.zeros((1, 2, 4), device=DEVICE)), ValueError,
         r"shape \(1, 2, 5\)", "lse-buffer-shape"),
-    bad(lambda: KA.attention(Q16, Q16, Q16, out=torch.zeros_like(Q32)), ValueError, "out must be a torch.float16",
-        "out-buffer-dtype"),
+    bad(lambda: KA.attention(Q16, Q16, Q16, out=torch.zeros_like(Q32).double()), ValueError,
+        "out must be a torch.float16 or torch.float32", "out-buffer-dtype"),
+    bad(lambda: KA.attention(Q32, Q32, Q32, input_precision="ieee", out=torch.zeros_like(Q16)), ValueError,
+        "out must be a torch.float32", "out-buffer-half-for-fp32"),
+    bad(lambda: KA.attention_backward(Q16, Q16, Q16, Q16, torch.zeros((1, 2, 5)), Q16, 0.25,
+                                      grad_dtype=torch.float64), ValueError, "grad_dtype", "grad-dtype"),
     bad(lambda: KA.attention(Q16, Q16, Q16, out=torch.zeros((1, 1, 1, 16), dtype=torch.float16,
                                                               device=DEVICE).expand(1, 2, 5, 16)),
         ValueError, "stride-0", "expanded-out-buffer"),
@@ -185,29 +171,6 @@ def test_int64_offset_probe():
 
 
 
-def _gradient_term_scales(q, k, v, do):
-    """Absolute floor per gradient from the terms it adds up, in float64: dq = scale sum_j ds_ij k_j with
-    ds = P (dP - delta), dP and delta dot products over the head dim (delta uses the stored O); dk likewise with q;
-    dv = sum_i P_ij dO_i. An exactly-zero gradient (dq with one key) is still formed from non-zero terms."""
-    from refdiff.attention import attention_probs
-
-    Q, K, V, dO = (t.detach().double().cpu().numpy() for t in (q, k, v, do))
-    d = Q.shape[-1]
-    P, _ = attention_probs(Q, K)
-    O = P @ V
-    # dP = dO v^T and delta = rowsum(dO o) are dot products: they round at the sums of absolute products
-    dP_terms = np.abs(dO) @ np.swapaxes(np.abs(V), -1, -2)
-    delta_terms = np.sum(np.abs(dO) * np.abs(O), axis=-1, keepdims=True)
-    T = P * (dP_terms + delta_terms)
-    scale = 1.0 / math.sqrt(d)
-    terms = {"q": float(np.max(scale * T @ np.abs(K))), "k": float(np.max(scale * np.swapaxes(T, -1, -2) @ np.abs(Q))),
-             "v": float(np.max(np.swapaxes(P, -1, -2) @ np.abs(dO)))}
-    # the kernel sums these terms in fp32 (only the final store rounds to the storage dtype), and its recomputed P
-    # carries the fp32 logits' rounding, relative eps32 x their term scale scale sum |q| |k|
-    logit_terms = float(np.max(np.abs(Q) @ np.swapaxes(np.abs(K), -1, -2)) * scale)
-    return {n: KERNEL_FLOOR_ULPS * EPS32 * (1.0 + logit_terms) * t for n, t in terms.items()}
-
-
 @settings(max_examples=12)
 @given(NQ=st.sampled_from([1, 15, 77, 129]), NK=st.sampled_from([1, 2, 77, 97]), d=st.sampled_from(HEAD_DIMS),
        dtype=st.sampled_from(list(DTYPES)), layout=st.sampled_from(["BHND", "BNHD"]), seed=st.integers(0, 1000))
@@ -218,14 +181,8 @@ def test_backward_follows_the_error_rule(NQ, NK, d, dtype, layout, seed):
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out = KA.attention(qs, ks, vs, input_precision="ieee" if dtype == "float32" else None)
     out.backward(do)
-    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    naive(qn, kn, vn, 1.0 / math.sqrt(d))[0].backward(do)
-    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
-    naive(q64, k64, v64, 1.0 / math.sqrt(d))[0].backward(do.double().cpu())
-    extra = _gradient_term_scales(q, k, v, do)
-    for name, ours, base, ref in (("q", qs, qn, q64), ("k", ks, kn, k64), ("v", vs, vn, v64)):
-        assert kernel_rule_violation(ours.grad, base.grad, ref.grad.numpy(), dt, factor=3.0,
-                                     extra_floor=extra[name]) <= 1.0
+    viol = backward_violations({"q": qs.grad, "k": ks.grad, "v": vs.grad}, q, k, v, do)
+    assert max(viol.values()) <= 1.0, viol
 
 
 # -- prompt-to-prompt inside the kernel --------------------------------------------------------------------

@@ -47,8 +47,9 @@ for _ in range(2):
     kernels.sampler_step(x, {"a": 1.0, "b": 1.0, "c_m": 1.0}, m_uncond=x)
     kernels.attention(q, q, q)
     kernels.add_noise(x, 1.0, 0.0, eps=x)
-import kernels.fused_step, kernels.flash_attention, kernels.noising, kernels.driver
-for name in ("sampler_step", "attention", "add_noise", "noising_loss", "sample", "p2p_attention"):
+import kernels.fused_step, kernels.flash_attention, kernels.noising, kernels.driver, kernels.distributed
+for name in ("sampler_step", "attention", "add_noise", "noising_loss", "sample", "p2p_attention",
+             "ring_attention", "ulysses_attention"):
     assert callable(getattr(kernels, name)), name
 kernels.sampler_step(x, {"a": 1.0, "b": 1.0, "c_m": 1.0}, m_uncond=x)
 kernels.attention(q, q, q)
