@@ -177,8 +177,9 @@ def _cmd_check(args) -> int:
         f = next(f for f in cs[0]["findings"] if f["id"] == fid)
         tag = "accepted" if fid in accept or f["kind"] in accept else "explained" if f["explained"] else "UNEXPLAINED"
         c = cs[0]
-        print(f"  {len(cs):4d} x {label} [{fid}, {tag}], e.g. {c['beta_schedule']} {c['timestep_spacing']} "
-              f"{c['steps']} steps {c['prediction_type']}: {f['summary'][:150]}")
+        print(f"  {len(cs):4d} x {label} [{fid}, {tag}], e.g. {c.get('beta_schedule', '-')} "
+              f"{c.get('timestep_spacing', '-')} {c.get('steps', '-')} steps {c.get('prediction_type', '-')}: "
+              f"{f['summary'][:150]}")
     return doc["exit_code"]
 
 

@@ -13,6 +13,7 @@ grid       the target's timesteps / sigmas differ from the reference's for the s
 step       a step disagrees with the sampler's paper-form step beyond the rounding rule
 nonfinite  the target produced NaN / Inf where the reference is finite
 structure  the target calls the model a different number of times than the sampler
+call       the target evaluated the model at another level or sample than the sampler's stage (a trace judge)
 exception  the target raised
 timeout    the case ran past its time limit
 exit       the target called sys.exit
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 __all__ = ["Finding", "KINDS", "EXIT_AGREE", "EXIT_UNEXPLAINED", "EXIT_KNOWN", "case_verdict", "exit_code",
            "headline", "is_accepted", "read_accept_file"]
 
-KINDS = ("schedule", "grid", "step", "nonfinite", "structure", "exception", "timeout", "exit", "kernel")
+KINDS = ("schedule", "grid", "step", "nonfinite", "structure", "call", "exception", "timeout", "exit", "kernel")
 EXIT_AGREE, EXIT_UNEXPLAINED, EXIT_KNOWN = 0, 1, 4
 
 

@@ -195,6 +195,8 @@ def _unbounded(v):
         return v.v
     if isinstance(v, tuple):
         return tuple(_unbounded(w) for w in v)
+    if isinstance(v, dict):
+        return {k: _unbounded(w) for k, w in v.items()}
     return v
 
 

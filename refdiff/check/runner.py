@@ -1,7 +1,9 @@
 """``refdiff check TARGET``: resolve the target, run its cases, write JSON + markdown, return an exit code.
 
-Targets: ``kernels`` (our Triton kernels against the reference), ``diffusers`` (every mapped scheduler),
-``diffusers:NAME`` (one scheduler), or ``module:callable`` following the step protocol:
+Targets (refdiff.check.targets): ``kernels`` (our Triton kernels against the reference), ``diffusers`` (every mapped
+scheduler), ``diffusers:NAME`` (one scheduler), ``kdiffusion[:NAME]`` / ``PATH.py[:NAME]`` (k-diffusion-style
+sampler functions, judged from their traces), ``module:Object`` (a target object: ``cases`` and ``run_case``),
+``module:function`` with k-diffusion's signature, or ``module:callable`` following the step protocol:
 
     callable(config: dict) -> scheduler
         config holds diffusers-style keys: num_train_timesteps, beta_schedule, beta_start, beta_end,
@@ -21,6 +23,7 @@ that case (the exception recorded) and the rest still run.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import signal
@@ -42,6 +45,8 @@ CASE_KEYS = ("variant", "beta_schedule", "timestep_spacing", "steps", "predictio
 PROTOCOL_METHODS = ("set_timesteps", "step", "timesteps", "alphas_cumprod", "refdiff_sampler")
 SCHEMA = "refdiff.check/1"
 
+
+_NOT_MAPPED: dict = {}          # functions of a sampling file the check does not run, with the reason (filled by resolve)
 
 CASE_TIMEOUT = 120.0           # seconds per case: a diffusers case takes ~0.1 s, a hung target must not hang the run
 
@@ -116,7 +121,12 @@ def findings_by_kind(cases) -> dict:
 def resolve(target: str):
     """[(adapter instance, constructor)] for a target string; UsageError with the protocol report otherwise."""
     from . import diffusers_schedulers as DS
+    from . import targets as T
 
+    if T.is_kdiffusion_spec(target):
+        found, skipped = T.kdiffusion.resolve_kdiffusion(target)
+        _NOT_MAPPED.update(skipped)
+        return found
     module, _, name = target.partition(":")
     if module == "diffusers":
         try:
@@ -154,6 +164,19 @@ def resolve(target: str):
         import torch  # noqa: F401
     except ImportError as exc:
         raise UsageError(f"custom targets run on torch tensors: {exc}") from None
+    if callable(getattr(obj, "cases", None)) and callable(getattr(obj, "run_case", None)):   # a target object
+        try:
+            inst = obj() if inspect.isclass(obj) else obj
+        except Exception as exc:
+            raise UsageError(f"{target}: constructing the target raised {type(exc).__name__}: {exc}") from None
+        if not isinstance(getattr(inst, "name", None), str):
+            inst.name = target
+        return [inst]
+    if T.kdiffusion.looks_like_sampler_function(obj):       # owns its loop: run once, judge the trace
+        return [T.kdiffusion.function_target(obj, target)]
+    if inspect.isfunction(obj) and {"model", "sigmas"} & set(inspect.signature(obj).parameters):
+        raise UsageError(f"{target} looks like a sampler function but its signature {inspect.signature(obj)} is not "
+                         "k-diffusion's (model, x, sigmas, extra_args=None, callback=None, disable=None, ...)")
     probe_config = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=8.5e-4, beta_end=1.2e-2,
                         prediction_type="epsilon", timestep_spacing="trailing")
     try:
@@ -210,13 +233,17 @@ def run_check(target: str, quick: bool = False, progress=None, on_total=None, se
         raise UsageError(f"seed must be an integer in [0, 2^32), got {seed!r}")
     if target == "kernels":
         return _kernel_check()
+    _NOT_MAPPED.clear()
     adapters = resolve(target)
-    plan = [(adapter, config) for adapter in adapters for config in DS.default_cases(adapter, quick)]
+    plan = [(adapter, config) for adapter in adapters
+            for config in (adapter.cases(quick) if hasattr(adapter, "cases") else DS.default_cases(adapter, quick))]
     if on_total is not None:
         on_total(len(plan))
     cases = []
     for adapter, config in plan:
-        case = _guarded(lambda: DS.run_case(adapter, config, seed=seed), adapter, config, case_timeout)
+        run = adapter.run_case if hasattr(adapter, "run_case") else (
+            lambda config, seed, adapter=adapter: DS.run_case(adapter, config, seed=seed))
+        case = _guarded(lambda: run(config, seed=seed), adapter, config, case_timeout)
         case["seed"] = seed
         cases.append(case)
         if progress is not None:
@@ -228,7 +255,7 @@ def run_check(target: str, quick: bool = False, progress=None, on_total=None, se
             "verdict": verdict, "headline": headline(cases, accept), "exit_code": code, "accepted": list(accept),
             "rule": f"per step |target - refdiff| <= {DS.R} u (running rounding bound of the step's formula + "
                     "float32 level differences), same inputs; u = unit roundoff of the sample dtype",
-            "unmapped": DS.UNMAPPED, "cases": cases}
+            "unmapped": {**DS.UNMAPPED, **_NOT_MAPPED}, "cases": cases}
 
 
 def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
@@ -259,8 +286,8 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
         name = case_label(c)
         finding = "; ".join(f"{'explained' if f['explained'] else 'unexplained'} [{f['id']}] {f['summary']}"
                             for f in c.get("findings", [])).replace("|", "\\|")
-        lines.append(f"| {name} | {c['beta_schedule']} | {c['timestep_spacing']} | {c['steps']} | "
-                     f"{c['prediction_type']} | {c.get('dtype', 'float32')} | {ratio} | {e2e} | "
+        lines.append(f"| {name} | {c.get('beta_schedule', '-')} | {c.get('timestep_spacing', '-')} | "
+                     f"{c.get('steps', '-')} | {c.get('prediction_type', '-')} | {c.get('dtype', 'float32')} | {ratio} | {e2e} | "
                      f"{c.get('duplicate_timesteps', '-')} | {c['verdict']} | {finding} |")
     if doc["unmapped"]:
         lines += ["", "Not checked: " + "; ".join(f"{k} ({v})" for k, v in doc["unmapped"].items())]
