@@ -133,6 +133,14 @@ class _UsageError(Exception):
 def _cmd_check(args) -> int:
     from .check.runner import UsageError, findings_by_kind, rerun_case, run_check, write_check
 
+    if args.list:
+        return _list_schedulers()
+    if not args.target:
+        print("refdiff check: name a TARGET (or --list the diffusers schedulers)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.jobs < 1:
+        print(f"refdiff check: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return EXIT_USAGE
     _outputs(args, folder=not args.rerun)
     try:
         accept = _accepted(args)
@@ -158,7 +166,7 @@ def _cmd_check(args) -> int:
     try:          # (a tqdm of total 0 is falsy: test for None, or the bar never advances)
         doc = run_check(args.target, quick=args.quick, progress=(lambda case: bar.update(1)) if bar is not None else None,
                         on_total=(lambda n: bar.reset(total=n)) if bar is not None else None, seed=args.seed,
-                        case_timeout=args.case_timeout, accept=accept)
+                        case_timeout=args.case_timeout, accept=accept, jobs=args.jobs)
     except UsageError as exc:
         print(f"refdiff check: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -181,6 +189,22 @@ def _cmd_check(args) -> int:
               f"{c.get('timestep_spacing', '-')} {c.get('steps', '-')} steps {c.get('prediction_type', '-')}: "
               f"{f['summary'][:150]}")
     return doc["exit_code"]
+
+
+def _list_schedulers() -> int:
+    try:
+        import diffusers
+    except ImportError as exc:
+        print(f"refdiff check --list: diffusers is not installed: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from .check.diffusers_schedulers import scheduler_listing
+
+    rows = scheduler_listing(diffusers)
+    print(f"diffusers {diffusers.__version__}: {sum(r[1] == 'mapped' for r in rows)} of {len(rows)} schedulers "
+          "mapped")
+    for name, status, why in rows:
+        print(f"  {name:36s} {status:10s} {why}")
+    return EXIT_PASS
 
 
 def _cmd_bench(args) -> int:
@@ -248,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_order)
     p = sub.add_parser("check", help="conformance of a third-party implementation (e.g. diffusers:DDIMScheduler)")
-    p.add_argument("target", help="kernels | diffusers | diffusers:NAME | module:callable")
+    p.add_argument("target", nargs="?", help="kernels | diffusers[:NAME] | diffusers-pipeline[:NAME] | kdiffusion[:NAME]"
+                                            " | PATH.py[:NAME] | module:callable")
+    p.add_argument("--list", action="store_true",
+                   help="list every scheduler diffusers ships: mapped (its variants) or not mapped (why), then exit")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the cases in N local processes")
     p.add_argument("--out", default="report/check", help="output folder (default: ./report/check)")
     p.add_argument("--json", help="also write the JSON report to this path")
     p.add_argument("--quick", action="store_true", help="a reduced grid of configurations")

@@ -153,3 +153,106 @@ def test_a_target_object_defined_outside_refdiff_is_run(tmp_path):
     assert cli.main(["check", "kd_samplers:OwnLoopTarget", "--quiet", "--out", str(tmp_path)]) == cli.EXIT_PASS
     doc = run_check("kd_samplers:OwnLoopTarget")
     assert [c["steps"] for c in doc["cases"]] == [5, 11] and all(c["verdict"] == "pass" for c in doc["cases"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# refdiff.testing and the reproducer scripts
+# --------------------------------------------------------------------------------------------------------------
+
+def test_testing_api_passes_a_correct_sampler_and_names_a_wrong_one(tmp_path):
+    import kd_samplers as S
+
+    from refdiff.testing import CheckResult, assert_conforms, check_sampler
+
+    ok = check_sampler(S.sample_euler_ancestral)                # its name says which sampler
+    assert isinstance(ok, CheckResult) and ok.ok and not ok.findings
+    assert assert_conforms(ok) is ok
+    bad = check_sampler(S.wrong_noise_scale, "euler_ancestral")
+    assert not bad.ok and bad.failing()[0][1].kind == "step"
+    with pytest.raises(AssertionError, match="noise draw 0 scaled by 1 \\+ 0.1") as info:
+        assert_conforms(bad, reproducers=tmp_path)
+    assert "repro_000" in str(info.value) and list(tmp_path.glob("repro_*.py"))
+    with pytest.raises(ValueError, match="did you mean 'euler_ancestral'"):
+        check_sampler(S.sample_euler_ancestral, "euler_ancestrl")
+    with pytest.raises(ValueError, match="k-diffusion's signature"):
+        check_sampler(S.wrong_signature)
+
+
+def test_testing_api_checks_schedulers_and_accepts_known_findings():
+    import diffusers
+    import protocol_scheduler as PS
+
+    from refdiff.testing import assert_conforms, check_scheduler
+
+    assert check_scheduler(PS.ddim).ok
+    off = check_scheduler(PS.ddim_off_by_one)
+    with pytest.raises(AssertionError, match="ddim_off_by_one"):
+        assert_conforms(off)
+    three_m = check_scheduler("kd_samplers:sample_dpmpp_2m")        # a string names it as the CLI does
+    assert three_m.ok
+    dd = check_scheduler(diffusers.DDIMScheduler)
+    assert not dd.failing() and dd.unaccepted()                     # known findings only (diffusers #12633)
+    assert_conforms(dd, accept=[f.id for _, f in dd.unaccepted()])
+
+
+@pytest.mark.parametrize("name,fragment", [("coefficient_error", "beyond the rounding bound"),
+                                           ("off_by_one_sigma", "the sampler evaluates at"),
+                                           ("wrong_noise_scale", "beyond the rounding bound")])
+def test_reproducer_scripts_run_without_refdiff_and_show_the_bug(tmp_path, name, fragment):
+    """The script imports neither refdiff nor the check: it replays the recorded run of the target and compares it
+    with the reference values stored in it; exit 1 when reproduced."""
+    import subprocess
+
+    assert cli.main(["check", f"kd_samplers:{name}", "--quick", "--quiet", "--out", str(tmp_path)]) == cli.EXIT_FAIL
+    (script,) = tmp_path.glob("repro_000_*.py")
+    text = script.read_text()
+    assert "refdiff" not in text.replace("refdiff check", "").replace("refdiff computed", "")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         cwd=str(HERE), env={**__import__("os").environ, "PYTHONPATH": str(HERE)})
+    assert res.returncode == 1 and fragment in res.stdout and "reproduced" in res.stdout, res.stdout + res.stderr
+
+
+def test_a_reproducer_of_a_file_target_loads_it_alone(tmp_path):
+    """A sampling file with stubbed imports: the script carries the loader."""
+    import shutil
+    import subprocess
+
+    path = tmp_path / "sampling.py"
+    src = (Path(COMFY_LIKE).read_text()
+           .replace("x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * up",
+                    "x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * up * 1.01"))
+    path.write_text(src)
+    out = tmp_path / "out"
+    assert cli.main(["check", f"{path}:sample_euler_ancestral", "--quick", "--quiet", "--out", str(out)]) == \
+        cli.EXIT_FAIL
+    scripts = sorted(out.glob("repro_*.py"))
+    assert scripts
+    shutil.copy(scripts[0], tmp_path / "r.py")
+    res = subprocess.run([sys.executable, str(tmp_path / "r.py")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "beyond the rounding bound" in res.stdout, res.stdout + res.stderr
+
+
+def test_check_list_names_every_diffusers_scheduler(capsys):
+    """Mapped ones with their variants; the others with a reason; discrete-token ones out of scope."""
+    import diffusers
+
+    assert cli.main(["check", "--list"]) == cli.EXIT_PASS
+    out = capsys.readouterr().out
+    names = [n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("Flax")]
+    for n in names:
+        assert f"  {n} " in out, n
+    lines = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
+    assert "out of scope" in lines["VQDiffusionScheduler"] and "out of scope" in lines["AmusedScheduler"]
+    assert " mapped " in lines["DDIMParallelScheduler"] and "not mapped" in lines["PNDMScheduler"]
+    assert cli.main(["check"]) == cli.EXIT_USAGE
+
+
+def test_jobs_give_the_same_document_as_one_process():
+    one = run_check(KDIFF, quick=True)
+    two = run_check(KDIFF, quick=True, jobs=2)
+    strip = ("reproducer",)
+    assert [{k: v for k, v in c.items() if k not in strip} for c in one["cases"]] == \
+        [{k: v for k, v in c.items() if k not in strip} for c in two["cases"]]
+    assert one["headline"] == two["headline"]
+    with pytest.raises(UsageError, match="jobs"):
+        run_check(KDIFF, jobs=0)

@@ -763,8 +763,70 @@ class ProtocolAdapter(_Adapter):
         return PROTOCOL_SAMPLERS[self.kind]()
 
 
+class _DDIMParallel(_DDIM):
+    """DDIMScheduler's batched-timestep variant (ParaDiGMS); its step() is DDIM's, so is its #12633 convention."""
+
+    name = "DDIMParallelScheduler"
+
+
+class _DDPMParallel(_DDPM):
+    """DDPMScheduler's batched-timestep variant (ParaDiGMS); its step() is DDPM's."""
+
+    name = "DDPMParallelScheduler"
+
+
 SCHEDULERS = {a.name: a for a in (_DDIM, _DDPM, _DPMMultistep, _DPMSinglestep, _DPMSDE, _UniPC, _DEIS, _Euler, _EulerA,
-                                  _Heun, _KDPM2, _LMS, _EDMEuler, _FlowMatchEuler)}
+                                  _Heun, _KDPM2, _LMS, _EDMEuler, _FlowMatchEuler, _DDIMParallel, _DDPMParallel)}
+
+_DISCRETE = "discrete-token (masked / uniform corruption) generation over a vocabulary: no continuous diffusion " \
+            "maths to judge, out of scope"
+# every other scheduler of diffusers 0.42, and why the check does not run it (``refdiff check --list``)
+NOT_MAPPED_REASONS = {
+    "AmusedScheduler": _DISCRETE, "VQDiffusionScheduler": _DISCRETE, "BlockRefinementScheduler": _DISCRETE,
+    "EntropyBoundScheduler": _DISCRETE, "DiscreteDDIMScheduler": _DISCRETE,
+    "UnCLIPScheduler": "deprecated by diffusers (\"do not use\"): DDPMScheduler covers it",
+    "RePaintScheduler": "inpainting resampling loop (jumps back in time inside a mask): not a sampler on a grid",
+    "PNDMScheduler": "not mapped yet (refdiff.samplers.PNDM reproduces its steps to 1e-10; the adapter for its "
+                     "repeated timesteps and PRK warm-up is not written)",
+    "IPNDMScheduler": "not mapped yet (refdiff.samplers.IPNDM is the k-diffusion form)",
+    "KDPM2AncestralDiscreteScheduler": "not mapped yet (refdiff.samplers.DPM2Ancestral)",
+    "SASolverScheduler": "not mapped yet (refdiff.samplers.SASolver)",
+    "LCMScheduler": "not mapped yet: needs the consistency-function oracle (refdiff.oracles.ConsistencyOracle) as "
+                    "the model",
+    "TCDScheduler": "not mapped yet: needs the consistency-function oracle",
+    "CMStochasticIterativeScheduler": "not mapped yet: needs the consistency-function oracle",
+    "SCMScheduler": "not mapped yet: needs the TrigFlow consistency oracle",
+    "FlowMatchHeunDiscreteScheduler": "not mapped yet (refdiff.samplers.FlowHeun)",
+    "FlowMatchLCMScheduler": "not mapped yet: needs the consistency-function oracle on flow levels",
+    "EDMDPMSolverMultistepScheduler": "not mapped yet (DPM-Solver++ on EDM sigmas)",
+    "CosineDPMSolverMultistepScheduler": "not mapped yet (DPM-Solver++ on the cosine schedule in sigma)",
+    "DDIMInverseScheduler": "not mapped yet (refdiff.inversion)",
+    "DPMSolverMultistepInverseScheduler": "not mapped yet (inversion grid)",
+    "CogVideoXDDIMScheduler": "not mapped yet (DDIM with CogVideoX's SNR shift)",
+    "CogVideoXDPMScheduler": "not mapped yet (DPM-Solver with CogVideoX's SNR shift)",
+    "ScoreSdeVeScheduler": "not mapped yet (refdiff.samplers.PredictorCorrector on the VE SDE)",
+    "KarrasVeScheduler": "deprecated stochastic EDM sampler (EDMEulerScheduler with churn is checked)",
+    "DDPMWuerstchenScheduler": "Wuerstchen's own continuous-time cosine parametrization: not mapped yet",
+    "LTXEulerAncestralRFScheduler": "not mapped yet (ancestral Euler on rectified-flow levels)",
+    "MiniMaxH3Scheduler": "not mapped yet (flow Euler with an exponential sigma shift)",
+    "FlowMapEulerDiscreteScheduler": "flow-map models (z_t -> z_r transitions): no oracle in refdiff yet",
+    "PiflowScheduler": "PiFlow's network-free policy between model evaluations: no oracle in refdiff yet",
+    "RFD4ProteinaScheduler": "protein-structure flow sampler with two coupled modalities: out of scope",
+    "HeliosScheduler": "undocumented upstream: not mapped", "HeliosDMDScheduler": "undocumented upstream: not mapped",
+}
+
+
+def scheduler_listing(diffusers) -> list:
+    """(name, "mapped" | "not mapped", reason or variants) for every scheduler class diffusers exports."""
+    names = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("Flax"))
+    out = []
+    for n in names:
+        if n in SCHEDULERS:
+            a = SCHEDULERS[n](diffusers)
+            out.append((n, "mapped", "variants: " + (", ".join(v or "default" for v in a.variants))))
+        else:
+            out.append((n, "not mapped", NOT_MAPPED_REASONS.get(n, "new in this diffusers release: not mapped yet")))
+    return out
 
 
 def default_cases(adapter, quick: bool = False):

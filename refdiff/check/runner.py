@@ -37,7 +37,7 @@ import numpy as np
 from .._io import check_output_dir, write_text
 from .findings import EXIT_AGREE, EXIT_KNOWN, EXIT_UNEXPLAINED, Finding, case_verdict, exit_code, headline
 
-__all__ = ["PROTOCOL_METHODS", "run_check", "write_check", "resolve", "rerun_case", "CASE_KEYS", "case_label",
+__all__ = ["PROTOCOL_METHODS", "run_check", "run_targets", "protocol_target", "write_check", "resolve", "rerun_case", "CASE_KEYS", "case_label",
            "findings_by_kind"]
 
 CASE_KEYS = ("variant", "beta_schedule", "timestep_spacing", "steps", "prediction_type", "dtype")
@@ -123,6 +123,8 @@ def resolve(target: str):
     from . import diffusers_schedulers as DS
     from . import targets as T
 
+    if target.split(":", 1)[0] == "diffusers-pipeline":
+        return T.pipelines.resolve_pipeline(target.partition(":")[2])
     if T.is_kdiffusion_spec(target):
         found, skipped = T.kdiffusion.resolve_kdiffusion(target)
         _NOT_MAPPED.update(skipped)
@@ -144,8 +146,9 @@ def resolve(target: str):
             elif n in DS.UNMAPPED:
                 raise UsageError(f"diffusers:{n} is not checked: {DS.UNMAPPED[n]}; mapped: {sorted(DS.SCHEDULERS)}")
             elif n.endswith("Scheduler") and hasattr(diffusers, n):
-                raise UsageError(f"diffusers:{n} is a diffusers scheduler that refdiff does not map yet; mapped: "
-                                 f"{sorted(DS.SCHEDULERS)}")
+                why = DS.NOT_MAPPED_REASONS.get(n, "new in this diffusers release")
+                raise UsageError(f"diffusers:{n} is a diffusers scheduler that refdiff does not map yet ({why}); "
+                                 f"mapped: {sorted(DS.SCHEDULERS)} (refdiff check --list)")
             else:
                 raise UsageError(f"unknown diffusers scheduler {n!r}{did_you_mean(n, list(DS.SCHEDULERS))}; mapped: "
                                  f"{sorted(DS.SCHEDULERS)}")
@@ -177,6 +180,13 @@ def resolve(target: str):
     if inspect.isfunction(obj) and {"model", "sigmas"} & set(inspect.signature(obj).parameters):
         raise UsageError(f"{target} looks like a sampler function but its signature {inspect.signature(obj)} is not "
                          "k-diffusion's (model, x, sigmas, extra_args=None, callback=None, disable=None, ...)")
+    return [protocol_target(obj, target)]
+
+
+def protocol_target(obj, target: str):
+    """A scheduler factory (or scheduler) of the step protocol as a target; UsageError naming what is missing."""
+    from . import diffusers_schedulers as DS
+
     probe_config = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=8.5e-4, beta_end=1.2e-2,
                         prediction_type="epsilon", timestep_spacing="trailing")
     try:
@@ -194,7 +204,7 @@ def resolve(target: str):
     if missing:
         raise UsageError(f"{target} does not follow the scheduler protocol: found {found}, missing {missing}")
     try:
-        return [DS.ProtocolAdapter(obj, target)]
+        return DS.ProtocolAdapter(obj, target)
     except ValueError as exc:
         raise UsageError(f"{target}: {exc}") from None
 
@@ -222,32 +232,87 @@ def _kernel_check() -> dict:
             "cases": cases}
 
 
-def run_check(target: str, quick: bool = False, progress=None, on_total=None, seed: int = 0,
-              case_timeout: float | None = CASE_TIMEOUT, accept=()) -> dict:
-    """Run every case of a target; the document's verdict, headline and exit code follow from the cases' typed
-    findings (refdiff.check.findings), with the ``accept``-ed ids or kinds not failing the gate."""
-    from .._env import env_info
-    from . import diffusers_schedulers as DS
-
+def _check_seed(seed):
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
         raise UsageError(f"seed must be an integer in [0, 2^32), got {seed!r}")
+
+
+def run_check(target: str, quick: bool = False, progress=None, on_total=None, seed: int = 0,
+              case_timeout: float | None = CASE_TIMEOUT, accept=(), jobs: int = 1) -> dict:
+    """Run every case of a target; the document's verdict, headline and exit code follow from the cases' typed
+    findings (refdiff.check.findings), with the ``accept``-ed ids or kinds not failing the gate. ``jobs`` > 1 runs
+    the cases in that many local processes (each resolves the target itself); the document is the same."""
+    _check_seed(seed)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UsageError(f"jobs must be an integer >= 1, got {jobs!r}")
     if target == "kernels":
         return _kernel_check()
     _NOT_MAPPED.clear()
-    adapters = resolve(target)
-    plan = [(adapter, config) for adapter in adapters
-            for config in (adapter.cases(quick) if hasattr(adapter, "cases") else DS.default_cases(adapter, quick))]
+    return run_targets(resolve(target), target, quick=quick, progress=progress, on_total=on_total, seed=seed,
+                       case_timeout=case_timeout, accept=accept, jobs=jobs)
+
+
+def _plan(adapters, quick):
+    from . import diffusers_schedulers as DS
+
+    return [(a, config) for a in adapters
+            for config in (a.cases(quick) if hasattr(a, "cases") else DS.default_cases(a, quick))]
+
+
+def _run_one(adapter, config, seed, case_timeout):
+    from . import diffusers_schedulers as DS
+
+    run = adapter.run_case if hasattr(adapter, "run_case") else (
+        lambda config, seed: DS.run_case(adapter, config, seed=seed))
+    case = _guarded(lambda: run(config, seed=seed), adapter, config, case_timeout)
+    case["seed"] = seed
+    return case
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(target, quick):
+    """A --jobs worker: resolve the target in this process (targets loaded from files cannot be pickled)."""
+    import os as _os
+
+    _os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER["plan"] = _plan(resolve(target), quick)
+
+
+def _worker_case(args):
+    k, seed, case_timeout = args
+    adapter, config = _WORKER["plan"][k]
+    return k, _run_one(adapter, config, seed, case_timeout)
+
+
+def run_targets(adapters, target: str, quick: bool = False, progress=None, on_total=None, seed: int = 0,
+                case_timeout: float | None = CASE_TIMEOUT, accept=(), jobs: int = 1) -> dict:
+    """Run every case of already-resolved targets (refdiff.check.targets protocol, or diffusers adapters) under
+    the per-case guards; the report document of run_check, labelled ``target``. ``jobs`` > 1 needs a target
+    string that each worker process can resolve."""
+    from .._env import env_info
+    from . import diffusers_schedulers as DS
+
+    _check_seed(seed)
+    plan = _plan(adapters, quick)
     if on_total is not None:
         on_total(len(plan))
-    cases = []
-    for adapter, config in plan:
-        run = adapter.run_case if hasattr(adapter, "run_case") else (
-            lambda config, seed, adapter=adapter: DS.run_case(adapter, config, seed=seed))
-        case = _guarded(lambda: run(config, seed=seed), adapter, config, case_timeout)
-        case["seed"] = seed
-        cases.append(case)
-        if progress is not None:
-            progress(case)
+    cases = [None] * len(plan)
+    if jobs > 1 and len(plan) > 1:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(min(jobs, len(plan)), initializer=_worker_init, initargs=(target, quick)) as pool:
+            for k, case in pool.imap_unordered(_worker_case, [(k, seed, case_timeout) for k in range(len(plan))]):
+                cases[k] = case
+                if progress is not None:
+                    progress(case)
+    else:
+        for k, (adapter, config) in enumerate(plan):
+            cases[k] = _run_one(adapter, config, seed, case_timeout)
+            if progress is not None:
+                progress(cases[k])
     env = env_info()
     code = exit_code(cases, accept)
     verdict = {EXIT_AGREE: "pass", EXIT_KNOWN: "known", EXIT_UNEXPLAINED: "fail"}[code]
@@ -266,6 +331,9 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
         stale.unlink()
     paths = [out / "check.json", out / "check.md"]
     write_text(paths[0], json.dumps(doc, indent=2, default=float))
+    from .reproducer import write_reproducers
+
+    repro = write_reproducers(doc, out)
     n_pass = sum(c["verdict"] == "pass" for c in doc["cases"])
     title = doc.get("headline", doc["verdict"].upper())
     head = [f"# refdiff check {doc['target']} — {title}", "", f"{n_pass} of {len(doc['cases'])} "
@@ -291,6 +359,9 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
                      f"{c.get('duplicate_timesteps', '-')} | {c['verdict']} | {finding} |")
     if doc["unmapped"]:
         lines += ["", "Not checked: " + "; ".join(f"{k} ({v})" for k, v in doc["unmapped"].items())]
+    if repro:
+        lines += ["", "Standalone reproducers (numpy, torch and the target; no refdiff): "
+                  + ", ".join(f"`{p.name}`" for p in repro)]
     lines.append("")
     write_text(paths[1], "\n".join(lines))
     if save_inputs != "never":
@@ -305,7 +376,7 @@ def write_check(doc: dict, out_dir, save_inputs: str = "never") -> list:
                              scheduler=np.asarray(c["scheduler"]), seed=np.asarray(int(c.get("seed", 0))))
                 os.replace(tmp, p)
                 paths.append(p)
-    return paths
+    return paths + repro
 
 
 def _file_safe(name: str) -> str:

@@ -32,9 +32,9 @@ from ..samplers import Grid
 from ..samplers.base import NumericContext, State
 from .findings import Finding
 from .replay import LAMBDA_FD, R, _moved_level, _unbounded
-from .rounding import BoundedContext, exact
+from .rounding import Bounded, BoundedContext, exact
 
-__all__ = ["Trace", "Call", "judge", "Judgement"]
+__all__ = ["Trace", "Call", "judge", "Judgement", "Reading"]
 
 
 @dataclass
@@ -63,11 +63,43 @@ class Trace:
 
 @dataclass
 class Judgement:
+    """The findings, the ratios to the rule (per reported step, per model call's sample, per call's level), and
+    what a reproducer needs: the reference value and bound of each reported state (``reference[i]``: the state at
+    the start of step i, the final one at n) and the level of each call."""
+
     findings: list
     per_step_ratio: list
     per_call_ratio: list
     level_ratio: list
     end_to_end_max_abs: float | None
+    reference: dict = field(default_factory=dict)
+    call_levels: list = field(default_factory=list)
+
+
+class Reading:
+    """How the judge reads a model call (the default: a k-diffusion denoiser, whose output is D itself).
+
+    ``m(call)`` the model output the step uses (float64), ``m_bounded(call)`` the same as a Bounded value (a guided
+    combination of several outputs carries the rounding of the combination); ``coeffs(level)`` (c_x, c_m) with
+    D = c_x x + c_m m at the stage input x in the grid's coordinates; ``model_input(x, level)`` the sample the target
+    should pass to the model for the stage input x (Bounded: scaled, duplicated for guidance)."""
+
+    def m(self, call):
+        return np.asarray(call.out, dtype=np.float64)
+
+    def m_bounded(self, call):
+        return exact(self.m(call))
+
+    def coeffs(self, level):
+        return 0.0, 1.0
+
+    def model_input(self, x, level):
+        return x
+
+
+def _d(reading, x_in, level, m):
+    c_x, c_m = reading.coeffs(level)
+    return c_x * np.asarray(x_in, dtype=np.float64) + c_m * m
 
 
 class _Structure(Exception):
@@ -92,7 +124,10 @@ def _level_bound(levels, u, eta=0.0):
 
 def _grid_index(grid_sigmas, sigma, rel):
     """The index of the grid level equal to sigma within the relative bound, or None."""
-    j = int(np.argmin(np.abs(grid_sigmas - sigma)))
+    if not np.isfinite(sigma):
+        return None
+    with np.errstate(invalid="ignore"):
+        j = int(np.nanargmin(np.where(np.isfinite(grid_sigmas), np.abs(grid_sigmas - sigma), np.nan)))
     return j if abs(grid_sigmas[j] - sigma) <= rel * max(abs(sigma), 1e-300) else None
 
 
@@ -101,7 +136,7 @@ def _ratio(a, b, bound):
         return float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / (np.asarray(bound) + 1e-300)))
 
 
-def _sensitivity(smp, grid, state, x, outputs, draws, i):
+def _sensitivity(smp, grid, state, x, outputs, draws, i, reading):
     """Sum over the levels step i reads of |d(result)/d log_snr_l| 2 Lambda_l (units of u) for the step output and
     every stage input, Lambda_l = |log sigma_l| + 1 (VE levels) the float32 error of lambda_l; central differences
     of the float64 paper step with the replayed model outputs and noise."""
@@ -123,7 +158,7 @@ def _sensitivity(smp, grid, state, x, outputs, draws, i):
 
             def denoise(x_in, level):
                 seen.append(np.asarray(x_in, dtype=np.float64))
-                return next(it)
+                return _d(reading, x_in, level, next(it))
             ctx = NumericContext(x, denoise, lambda: next(dr), state.history, g)
             outs.append(np.asarray(smp.step(ctx, levels[i], levels[i + 1], state)[0], dtype=np.float64))
             stages.append(seen)
@@ -134,7 +169,7 @@ def _sensitivity(smp, grid, state, x, outputs, draws, i):
     return out_total, stage_total or []
 
 
-def _terms(smp, grid, state, x, outputs, draws, i):
+def _terms(smp, grid, state, x, outputs, draws, i, reading):
     """The affine step split into its terms: {name: contribution} (start sample, each model output of this step,
     each history output, each noise draw); they sum to the step (the model outputs are replayed values)."""
     names = (["the start sample x"] + [f"the model output of stage {k}" for k in range(len(outputs))]
@@ -150,7 +185,7 @@ def _terms(smp, grid, state, x, outputs, draws, i):
         z0 = which - 1 - len(outputs) - len(state.history)
         zs = [z if z0 == n else np.zeros_like(z) for n, z in enumerate(draws)]
         it, dr = iter(outs), iter(zs)
-        ctx = NumericContext(xs, lambda x_in, level: next(it), lambda: next(dr), hist, grid)
+        ctx = NumericContext(xs, lambda x_in, level: _d(reading, x_in, level, next(it)), lambda: next(dr), hist, grid)
         out[name] = np.asarray(smp.step(ctx, grid.levels[i], grid.levels[i + 1], replace(state, history=hist))[0],
                                dtype=np.float64)
     return out
@@ -178,9 +213,13 @@ def _diagnose(terms, residual, bound):
     return None if best is None else best[:2]
 
 
-def judge(trace: Trace, smp, grid: Grid, u: float, dt_terms: bool = True) -> Judgement:
-    """Replay ``smp`` over ``grid`` against the trace; Findings of kinds call / step / structure."""
+def judge(trace: Trace, smp, grid: Grid, u: float, dt_terms: bool = True, reading: Reading | None = None
+          ) -> Judgement:
+    """Replay ``smp`` over ``grid`` against the trace; Findings of kinds call / step / structure. ``reading``: how
+    a call's output becomes the data prediction and what model input is expected (default: a denoiser)."""
+    reading = reading or Reading()
     findings, step_ratios, call_ratios, level_ratios = [], [], [], []
+    reference, call_levels = {}, []
     calls, draws = list(trace.calls), list(trace.draws)
     grid_sigmas = np.array([float(np.mean(lv.sigma_ve)) for lv in grid.levels])
     state = State()
@@ -199,10 +238,12 @@ def judge(trace: Trace, smp, grid: Grid, u: float, dt_terms: bool = True) -> Jud
                     raise _Structure(f"the sampler evaluates the model more often than the target's {len(trace.calls)}"
                                      f" calls (step {i})")
                 c = calls.pop(0)
-                outputs.append(np.asarray(c.out, dtype=np.float64))
+                outputs.append(reading.m(c))
                 stage_in.append((x_in, c))
                 stage_lv.append(level)
-                return exact(c.out)
+                c_x, c_m = reading.coeffs(level)
+                d = reading.m_bounded(c) * c_m
+                return d if np.all(np.asarray(c_x) == 0) else x_in * c_x + d
 
             def noise():
                 if not draws:
@@ -215,16 +256,22 @@ def judge(trace: Trace, smp, grid: Grid, u: float, dt_terms: bool = True) -> Jud
             out, extra = smp.step(ctx, cur, nxt, state)
             x_start = np.asarray(xb.v, dtype=np.float64)
             fstate = replace(state, history=_unbounded(state.history), extra=_unbounded(state.extra))
-            sens_out, sens_stage = _sensitivity(smp, grid, fstate, x_start, outputs, step_draws, i)
+            sens_out, sens_stage = _sensitivity(smp, grid, fstate, x_start, outputs, step_draws, i, reading)
             dt = [np.abs(x.v) + np.abs(x.v - d.v) for x, _, d in ctx.stages] if dt_terms else []
             # the model calls of this step: level and sample
             lb = _level_bound([cur, nxt], u)
             lb_derived = _level_bound([cur, nxt], u, float(getattr(smp, "eta", 0.0) or 0.0))
             for k, ((x_in, c), level) in enumerate(zip(stage_in, stage_lv)):
                 want = float(np.mean(level.sigma_ve))
+                call_levels.append(want)
                 on_grid = _grid_index(grid_sigmas, want, 0.0) is not None
                 rel = lb if on_grid else lb_derived
-                r_lv = abs(c.sigma - want) / (rel * want) if want > 0 else (0.0 if c.sigma == want else np.inf)
+                if c.sigma == want:                       # equal (SNR 0 and the data level included)
+                    r_lv = 0.0
+                elif 0 < want < np.inf:
+                    r_lv = abs(c.sigma - want) / (rel * want)
+                else:
+                    r_lv = np.inf
                 level_ratios.append(float(r_lv))
                 if r_lv > 1.0 and "call" not in first_call:
                     hint = ""
@@ -239,8 +286,12 @@ def judge(trace: Trace, smp, grid: Grid, u: float, dt_terms: bool = True) -> Jud
                         evidence={"step": i, "stage": k, "target_sigma": c.sigma, "refdiff_sigma": want,
                                   "grid_sigmas": grid_sigmas.tolist()})
                 extra_terms = sum(dt[:k]) if k else 0.0
-                b = R * u * (x_in.e + extra_terms + (sens_stage[k] if k < len(sens_stage) else 0.0))
-                r_in = _ratio(c.x, x_in.v, b)
+                widened = Bounded(x_in.v, x_in.e + extra_terms + (sens_stage[k] if k < len(sens_stage) else 0.0))
+                expect = reading.model_input(widened, level)
+                if np.shape(c.x) != np.shape(expect.v):
+                    raise _Structure(f"the target passed the model a sample of shape {np.shape(c.x)} at step {i} "
+                                     f"stage {k}, where {np.shape(expect.v)} is expected")
+                r_in = _ratio(c.x, expect.v, R * u * expect.e)
                 call_ratios.append(r_in)
                 if r_in > 1.0 and "call-input" not in first_call and "call" not in first_call:
                     first_call["call-input"] = Finding(
@@ -256,8 +307,9 @@ def judge(trace: Trace, smp, grid: Grid, u: float, dt_terms: bool = True) -> Jud
                                      f"{out.v.shape}")
                 r = _ratio(target_next, out.v, bound)
                 step_ratios.append(r)
+                reference[i + 1] = (np.asarray(out.v, dtype=np.float64), np.broadcast_to(bound, out.v.shape).copy())
                 if r > 1.0 and "step" not in first_call:
-                    terms = _terms(smp, grid, fstate, x_start, outputs, step_draws, i)
+                    terms = _terms(smp, grid, fstate, x_start, outputs, step_draws, i, reading)
                     got = _diagnose(terms, target_next - out.v, bound)
                     what = (f": {got[0]} scaled by 1 {'+' if got[1] >= 0 else '-'} {abs(got[1]):.3g} reproduces it"
                             if got else ": no single term of the step reproduces it")
@@ -283,4 +335,4 @@ def judge(trace: Trace, smp, grid: Grid, u: float, dt_terms: bool = True) -> Jud
     nonfinite = 0 if trace.final is None else int(np.count_nonzero(~np.isfinite(trace.final)))
     if nonfinite and not any(f.kind == "structure" for f in findings):
         findings.append(Finding("nonfinite", f"{nonfinite} non-finite values in the target's final sample"))
-    return Judgement(findings, step_ratios, call_ratios, level_ratios, final)
+    return Judgement(findings, step_ratios, call_ratios, level_ratios, final, reference, call_levels)

@@ -21,12 +21,14 @@ kdiffusion[:sample_NAME]       the installed k-diffusion's sampling functions (t
 PATH.py[:sample_NAME]          a k-diffusion-style sampling file loaded alone (ComfyUI's comfy/k_diffusion/sampling.py)
 module:function                a function with k-diffusion's signature (model, x, sigmas, ...), or a scheduler
                                factory of the step protocol (refdiff.check.runner)
+diffusers-pipeline[:NAME]      whole diffusers pipelines (SD, SD img2img, SDXL, SD3, Flux) with an oracle backbone
+                               (targets.pipelines)
 diffusers[:NAME], kernels      diffusers' schedulers (refdiff.check.diffusers_schedulers), the Triton kernels
 """
 
-from . import kdiffusion
+from . import kdiffusion, pipelines
 
-__all__ = ["kdiffusion", "is_kdiffusion_spec"]
+__all__ = ["kdiffusion", "pipelines", "is_kdiffusion_spec"]
 
 
 def is_kdiffusion_spec(spec: str) -> bool:

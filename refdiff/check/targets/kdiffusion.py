@@ -219,8 +219,10 @@ class OracleDenoiser:
 class KFunction:
     """One k-diffusion-style sampler function as a check target (name, cases, run_case)."""
 
-    def __init__(self, fn, name: str, refdiff_name: str):
+    def __init__(self, fn, name: str, refdiff_name: str, source: dict | None = None):
         self.fn, self.name, self.refdiff_name = fn, name, refdiff_name
+        # how a reproducer script loads it: {"module", "function"} or {"path", "function", "stubbed"}
+        self.source = source or {"module": fn.__module__, "function": fn.__name__}
         params = inspect.signature(fn).parameters
         self.params = params
         self.takes_noise_sampler = "noise_sampler" in params
@@ -318,6 +320,11 @@ class KFunction:
         full = sample(smp, lambda xx, lv: model.data.denoise(xx, 1.0, lv.sigma), grid, trace.x_T,
                       noise=(lambda: next(replay)) if trace.draws else None, prediction="x0", progress=False)
         e2e = float(np.max(np.abs(trace.final - full.x))) if trace.final.shape == full.x.shape else None
+        if any(not f.explained for f in j.findings):
+            from ..reproducer import kfunction_payload
+
+            case["reproducer"] = kfunction_payload(self.source, sig64, x.double().numpy(), kw, trace, j,
+                                                   [z for _, z in direct])
         case.update({"per_step_ratio": [r for r in j.per_step_ratio if r == r], "per_call_ratio": j.per_call_ratio,
                      "level_ratio": j.level_ratio, "end_to_end_max_abs": e2e,
                      "findings": [f.to_dict() for f in j.findings], "verdict": case_verdict(j.findings),
@@ -330,7 +337,7 @@ def _variant_label(kw: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults"
 
 
-def _functions(module, only: str | None, label: str):
+def _functions(module, only: str | None, label: str, path: str | None = None, stubbed=()):
     """[KFunction] of a sampling module: every sample_* function refdiff maps (or the one named)."""
     from ...samplers import SAMPLER_NAMES
 
@@ -349,7 +356,8 @@ def _functions(module, only: str | None, label: str):
         elif not looks_like_sampler_function(fn):
             skipped[f"{label}:{n}"] = f"signature {inspect.signature(fn)} is not (model, x, sigmas, ...)"
         elif short in MAPPED or (short in SAMPLER_NAMES and "cfg_pp" not in short):
-            out.append(KFunction(fn, f"{label}:{n}", MAPPED.get(short, short)))
+            src = {"path": path, "function": n, "stubbed": sorted(stubbed)} if path else None
+            out.append(KFunction(fn, f"{label}:{n}", MAPPED.get(short, short), src))
         elif "cfg_pp" in short:
             skipped[f"{label}:{n}"] = ("CFG++ reads the unconditional prediction through the model's options hooks; "
                                        "the check's model has one prediction (not mapped yet)")
@@ -386,7 +394,7 @@ def resolve_kdiffusion(spec: str):
         raise UsageError(str(exc)) from None
     except Exception as exc:
         raise UsageError(f"loading {path!r} raised {type(exc).__name__}: {exc}") from None
-    return _functions(module, only, label)
+    return _functions(module, only, label, os.path.abspath(path), _missing_imports(path))
 
 
 def function_target(fn, spec: str):

@@ -1,0 +1,177 @@
+"""Standalone reproducer scripts for findings: a short Python file per case with an unexplained finding, written
+next to the report, that shows the disagreement without refdiff (numpy, torch and the target itself only), ready
+to attach to an upstream issue.
+
+A sampler-function case's script replays the run refdiff recorded: the model returns the recorded outputs in call
+order (the target is deterministic given them, so it retraces its own run), the noise sampler the recorded draws;
+it prints every model call whose sigma differs from the sampler's stage level and every step whose state differs
+from the reference value refdiff computed in float64 from the target's own previous state, by more than the stated
+rounding bound (4 u times the running error bound of the paper-form step; u = 2^-24), and exits 1 when it
+reproduces the finding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .._io import write_text
+
+__all__ = ["write_reproducers", "kfunction_payload"]
+
+
+def kfunction_payload(source: dict, sigmas, x_T, kwargs, trace, judgement, direct_draws) -> dict:
+    """What a sampler-function reproducer needs (JSON-serialisable)."""
+    return {"kind": "kfunction", "source": source, "direct_draws": [np.asarray(z).tolist() for z in direct_draws], "sigmas": np.asarray(sigmas, dtype=np.float64).tolist(),
+            "x_T": np.asarray(x_T, dtype=np.float64).tolist(), "kwargs": kwargs,
+            "outputs": [np.asarray(c.out).tolist() for c in trace.calls],
+            "call_sigmas": [float(c.sigma) for c in trace.calls], "expected_sigmas": judgement.call_levels,
+            "draws": [np.asarray(z).tolist() for z in trace.draws],
+            "reference": {str(i): [v.tolist(), b.tolist()] for i, (v, b) in judgement.reference.items()}}
+
+
+_LOADER = '''
+def load(source):
+    """The target, as refdiff check loaded it (a file alone: its package-relative / missing imports stubbed)."""
+    import importlib, importlib.abc, importlib.machinery, importlib.util, sys, types
+    if "module" in source:
+        return getattr(importlib.import_module(source["module"]), source["function"])
+
+    class Stub(types.ModuleType):
+        def __init__(self, name):
+            super().__init__(name)
+            self.__path__ = []
+
+        def __getattr__(self, attr):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            helpers = {"append_dims": lambda x, n: x[(...,) + (None,) * (n - x.ndim)],
+                       "model_trange": lambda *a, **k: range(*a), "trange": lambda *a, **k: range(*a)}
+            value = helpers.get(attr) or (type(attr, (), {}) if attr[:1].isupper() else Stub(self.__name__ + "." + attr))
+            setattr(self, attr, value)
+            return value
+
+    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ["_repro_pkg"] + source["stubbed"]:
+                return importlib.machinery.ModuleSpec(name, self, is_package=True)
+
+        def create_module(self, spec):
+            return Stub(spec.name)
+
+        def exec_module(self, module):
+            pass
+    sys.modules["_repro_pkg"] = Stub("_repro_pkg")
+    spec = importlib.util.spec_from_file_location("_repro_pkg.sampling", source["path"])
+    module = importlib.util.module_from_spec(spec)
+    finder = Finder()
+    sys.meta_path.append(finder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.meta_path.remove(finder)
+    return getattr(module, source["function"])
+'''
+
+_KFUNCTION = '''#!/usr/bin/env python
+"""Reproducer written by refdiff check: {title}
+
+{summary}
+
+Runs {target} once with the model outputs and noise recorded by the check (the model returns them in call order,
+so the run retraces itself) and compares every model call's sigma with the sampler's stage level, and every state
+the callback reports (and the result) with the reference value refdiff computed in float64 from the target's
+previous state, against the stated float32 rounding bound. Needs only numpy, torch and the target.
+Exit status 1: the disagreement is reproduced.
+"""
+import inspect
+import json
+import sys
+
+import numpy as np
+import torch
+
+DATA = json.loads({data!r})
+{loader}
+
+def main():
+    fn = load(DATA["source"])
+    outputs = iter(DATA["outputs"])
+    draws = iter(DATA["draws"])
+    sigmas_called = []
+
+    class Model:                       # with the attributes ComfyUI-style samplers read off the model
+        def __init__(self):
+            import types
+            ms = types.SimpleNamespace(noise_scale=1.0)
+            self.inner_model = types.SimpleNamespace(inner_model=types.SimpleNamespace(model_sampling=ms),
+                                                     model_patcher=types.SimpleNamespace(
+                                                         get_model_object=lambda name: ms), model_sampling=ms)
+
+        def __call__(self, x, sigma, **kwargs):
+            sigmas_called.append(float(sigma.reshape(-1)[0]))
+            return torch.tensor(next(outputs), dtype=x.dtype)
+    model = Model()
+
+    def noise_sampler(sigma, sigma_next):
+        return torch.tensor(next(draws), dtype=torch.float32)
+    states = {{}}
+
+    def callback(d):
+        if "sigma_hat" not in d or float(d["sigma_hat"]) == float(d["sigma"]):
+            states[int(d["i"])] = d["x"].double().numpy()
+    kwargs = dict(DATA["kwargs"], extra_args={{}}, callback=callback, disable=True)
+    if "noise_sampler" in inspect.signature(fn).parameters:
+        kwargs["noise_sampler"] = noise_sampler
+    direct = iter(DATA["direct_draws"])               # draws made with torch.randn_like (EDM churn)
+    torch.randn_like = lambda t, *a, **k: torch.tensor(next(direct), dtype=t.dtype)
+    sigmas = torch.tensor(DATA["sigmas"], dtype=torch.float32)
+    out = fn(model, torch.tensor(DATA["x_T"], dtype=torch.float32), sigmas, **kwargs)
+    states[len(DATA["sigmas"]) - 1] = (out[0] if isinstance(out, tuple) else out).double().numpy()
+    bad = 0
+    for k, (got, want) in enumerate(zip(sigmas_called, DATA["expected_sigmas"])):
+        if abs(got - want) > 1e-5 * abs(want):
+            print(f"model call {{k}}: sigma {{got:.9g}}, the sampler evaluates at {{want:.9g}}")
+            bad += 1
+    for i, (ref, bound) in sorted(DATA["reference"].items(), key=lambda kv: int(kv[0])):
+        i = int(i)
+        if i not in states:
+            continue
+        err = np.abs(states[i] - np.asarray(ref))
+        ratio = float(np.max(err / (np.asarray(bound) + 1e-300)))
+        flag = "  <-- beyond the rounding bound" if ratio > 1 else ""
+        print(f"state {{i}}: max |target - reference| = {{err.max():.3e}}, {{ratio:.3g}} x the bound{{flag}}")
+        bad += ratio > 1
+    print("reproduced" if bad else "not reproduced")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+def write_reproducers(doc: dict, out_dir) -> list:
+    """One ``repro_NNN_NAME.py`` per case with an unexplained finding and a recorded run; returns the paths."""
+    from pathlib import Path
+
+    out, paths = Path(out_dir), []
+    for stale in out.glob("repro_*.py"):
+        stale.unlink()
+    for k, c in enumerate(doc["cases"]):
+        pay = c.get("reproducer")
+        unexplained = [f for f in c.get("findings", []) if not f.get("explained")]
+        if not pay or not unexplained or pay.get("kind") != "kfunction":
+            continue
+        name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(c["scheduler"]))
+        path = out / f"repro_{k:03d}_{name}.py"
+        f = unexplained[0]
+        text = _KFUNCTION.format(title=f"{c['scheduler']} [{c.get('variant', '')}], {c.get('steps')} steps",
+                                 summary=f"[{f['kind']}] {f['summary']}", target=c["scheduler"],
+                                 data=json.dumps(pay), loader=_LOADER)
+        write_text(path, text)
+        os.chmod(path, 0o755)
+        paths.append(path)
+    return paths
