@@ -404,3 +404,18 @@ def test_the_cli_bar_advances_although_a_zero_total_tqdm_is_falsy(tmp_path, monk
     monkeypatch.setattr(_progress, "progress_bar", lambda *a, **k: bars.append(Bar()) or bars[-1])
     assert cli.main(["check", "protocol_scheduler:ddim", "--quick", "--out", str(tmp_path)]) == cli.EXIT_PASS
     assert bars and bars[0].total > 0 and bars[0].n == bars[0].total
+
+
+@pytest.mark.parametrize("schedule,spacing,steps,pred,fid", [
+    ("linear", "linspace", 2, "epsilon", "diffusers-kdpm2a-sigma-down-nan"),
+    ("squaredcos_cap_v2", "linspace", 10, "epsilon", "diffusers-kdpm2a-sigma-down-nan"),
+    ("squaredcos_cap_v2", "trailing", 10, "v_prediction", "diffusers-kdpm2a-cancelling-sigma-down"),
+])
+def test_kdpm2_ancestral_findings_are_explained(schedule, spacing, steps, pred, fid):
+    """KDPM2AncestralDiscreteScheduler forms sigma_down = sqrt(sigma_next^2 - sigma_up^2) in float32: for sigma >>
+    sigma_next it is 0 / NaN (NaN sigma_interpol and timestep), or off by (sigma / sigma_next)^2 u, which the
+    float32 table re-run as the reference reproduces."""
+    adapter = DS.SCHEDULERS["KDPM2AncestralDiscreteScheduler"](diffusers)
+    case = DS.run_case(adapter, dict(variant="", beta_schedule=schedule, timestep_spacing=spacing, steps=steps,
+                                     prediction_type=pred, dtype="float32"))
+    assert _explained(case, fid), case["finding"]

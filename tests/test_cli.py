@@ -107,18 +107,26 @@ def test_sigint_mid_run_exits_130_and_writes_no_report(tmp_path):
     import signal
     import time
 
-    out = tmp_path / "out"
+    out, marker = tmp_path / "out", tmp_path / "sleeping"
     tests_dir = os.path.dirname(__file__)
-    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # the sleeper touches the marker when it starts to hang; faulthandler dumps every thread on SIGABRT if the
+    # interrupted run does not end (a diagnosis instead of a bare timeout)
+    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "REFDIFF_TEST_SLEEP_MARKER": str(marker), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "refdiff.cli", "check", "protocol_scheduler:sleeper", "--quick",
                              "--quiet", "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env,
                             cwd=tests_dir)
-    deadline = time.time() + 120
-    while not out.exists() and time.time() < deadline:          # --out is created before the cases run
-        time.sleep(0.2)
-    time.sleep(3.0)                                               # inside the run (the sleeper's half-precision case)
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), "the run never reached the hanging case"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"the interrupted run did not end; its threads:\n{err[-4000:]}")
     assert proc.returncode == cli.EXIT_INTERRUPTED
     assert "interrupted" in err and "Traceback" not in err
     assert list(out.iterdir()) == []

@@ -17,7 +17,7 @@ from .. import schedules as S
 from ..grids import flow_sigmas
 from ..convergence import oracle_model
 from ..oracles import GaussianMixture
-from ..samplers import (DDIM, DDPM, DEIS, DPM2, LMS, Churn, DPMSolverPP, DPMSolverPPSDE, DPMSolverPPSinglestep, Euler,
+from ..samplers import (DDIM, DDPM, DEIS, DPM2, LMS, Churn, DPM2Ancestral, FlowHeun, DPMSolverPP, DPMSolverPPSDE, DPMSolverPPSinglestep, Euler,
                         EulerAncestral, Grid, Heun, Level, SDEDPMSolverPP2M, UniPC, model_coeffs)
 from ..samplers.base import State
 from . import tables as TB
@@ -584,6 +584,98 @@ class _KDPM2(_VE):
         return DPM2()
 
 
+class _Float32Ancestral(DPM2Ancestral):
+    """DPM-2 ancestral with the step's sigma_up, sigma_down and sigma_mid as diffusers' set_timesteps forms them in
+    float32 (a hypothesis of the check, not a sampler to use)."""
+
+    def __init__(self, sched):
+        import torch
+
+        super().__init__()
+        sig = torch.tensor(_dedupe(sched.sigmas.double().numpy()), dtype=torch.float32)
+        nxt = torch.cat([sig[1:], sig.new_zeros(1)])
+        up = (nxt ** 2 * (sig ** 2 - nxt ** 2) / sig ** 2) ** 0.5
+        down = (nxt ** 2 - up ** 2) ** 0.5
+        mid = sig.log().lerp(down.log(), 0.5).exp()
+        self.table = {float(a): (float(u), float(d), float(m)) for a, u, d, m in zip(sig, up, down, mid)}
+        self.name = "DPM2Ancestral(float32 sigma_down)"
+
+    def step(self, ctx, cur, nxt, state):
+        from ..samplers.karras import _from_ve, _ve
+
+        x = _ve(ctx.x, cur)
+        s = float(np.mean(cur.sigma_ve))
+        D = ctx.denoise(ctx.x, cur)
+        if nxt.is_data:
+            return _from_ve(D, nxt), {"order": 1}
+        up, down, s_mid = self.table[s]
+        d = (x - D) / s
+        mid = self._down_level(ctx, s_mid)
+        x2 = x + d * (s_mid - s)
+        d2 = (x2 - ctx.denoise(_from_ve(x2, mid), mid)) / s_mid
+        x = x + d2 * (down - s) + ctx.noise() * up
+        return _from_ve(x, nxt), {"order": 2}
+
+
+class _KDPM2A(_VE):
+    """DPM-2 ancestral (k-diffusion sample_dpm_2_ancestral): DPM-2 to sigma_down, then noise of scale sigma_up drawn
+    with the step's generator."""
+
+    name = "KDPM2AncestralDiscreteScheduler"
+    predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
+
+    def step_starts(self, ts):
+        """Two calls per step; at eta = 1 the midpoint sqrt(sigma sigma_down) is sigma_next itself, so the second
+        call's timestep repeats the next step's start by design."""
+        return ts[::2]
+
+    def sampler(self, sched, table, grid, variant=""):
+        return DPM2Ancestral()
+
+    def formula_terms(self, ctx, cur, nxt, state, extra):
+        """diffusers forms sigma_down = sqrt(sigma_next^2 - sigma_up^2) in float32 (set_timesteps): a difference that
+        cancels when sigma_up ~ sigma_next, relative error kappa u with kappa = (sigma_next / sigma_down)^2; the
+        step moves by d_2 (sigma_down - sigma) and evaluates at sigma_mid = sqrt(sigma sigma_down) (half of it).
+        Plus the Euler-type |x - D| per stage (dt_terms)."""
+        base = sum(np.abs(u.v) + np.abs(u.v - d.v) for u, _, d in ctx.stages)
+        if nxt.is_data or len(ctx.stages) < 2:
+            return base
+        s, sn = float(np.mean(cur.sigma_ve)), float(np.mean(nxt.sigma_ve))
+        down2 = sn ** 2 - sn ** 2 * (s ** 2 - sn ** 2) / s ** 2
+        if not down2 > 0:
+            return base
+        kappa = sn ** 2 / down2
+        (x1, _, d1), (x2, lv2, d2) = ctx.stages[0], ctx.stages[1]
+        s_mid = float(np.mean(lv2.sigma_ve))
+        return base + kappa * (np.abs(x2.v - d2.v) / s_mid * np.sqrt(down2) + 0.5 * np.abs(x1.v - d1.v) / s * s_mid)
+
+    def hypotheses(self, sched, table, config, variant):
+        return {"diffusers-kdpm2a-cancelling-sigma-down": Hypothesis(
+            "diffusers' float32 sigma_down = sqrt(sigma_next^2 - sigma_up^2), which cancels for sigma >> sigma_next "
+            "(relative error (sigma / sigma_next)^2 u; exactly sigma_next^2 / sigma at eta = 1), and its float32 "
+            "sigma_interpol", "sampler", _Float32Ancestral(sched))}
+
+    def explain_nonfinite(self, sched, ratios):
+        """In set_timesteps, float32 sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 rounds to
+        sigma_next^2 or above when sigma >> sigma_next (2-3 steps, or squaredcos_cap_v2's sigma ~ 2e4): sigma_down
+        = sqrt(<= 0) is 0 or NaN, sigma_interpol = exp(lerp(log sigma, log sigma_down, 0.5)) is NaN (torch's lerp
+        at weight 0.5 computes end - (end - start) / 2 = -inf + inf), and so is the timestep the model is given."""
+        import torch
+
+        interp = sched.sigmas_interpol.to(torch.float32)
+        nan_steps = torch.nonzero(torch.isnan(interp)).flatten().tolist()
+        if not nan_steps:
+            return None
+        k = nan_steps[0]
+        return Finding("nonfinite", f"sigmas_interpol[{k}] is NaN: float32 sigma_down = sqrt(sigma_next^2 - sigma_up^2) "
+                                    f"is 0 or NaN for sigma {float(sched.sigmas[k]):.6g} -> "
+                                    f"{float(sched.sigmas[k + 1]):.6g}, and the log-lerp to it gives NaN (the "
+                                    "mechanism of diffusers #14213, in KDPM2AncestralDiscreteScheduler.set_timesteps)",
+                       explained=True, id="diffusers-kdpm2a-sigma-down-nan",
+                       evidence={"index": k, "sigma": float(sched.sigmas[k]), "sigma_next": float(sched.sigmas[k + 1]),
+                                 "timesteps_nan": int(torch.isnan(torch.as_tensor(sched.timesteps)).sum())})
+
+
 class _DPMSDE(_VE):
     """k-diffusion's DPM-Solver++ SDE (eta = 1, r = 1/2) with noise from a torchsde Brownian tree: the check installs
     diffusers' own noise sampler, seeded, and records what each step draws for the reference."""
@@ -683,6 +775,35 @@ class _EDMEuler(_Churned, _VE):
         return F
 
 
+class _EDMDPM(_EDMEuler):
+    """DPM-Solver++ (multistep, data prediction) on EDM's sigmas with EDM's preconditioning (diffusers
+    EDMDPMSolverMultistepScheduler): lambda = -log sigma formed in float32."""
+
+    name = "EDMDPMSolverMultistepScheduler"
+    variants = {"2M": dict(solver_order=2), "3M": dict(solver_order=3)}
+    lambda_terms = True
+    dt_terms = False
+
+    def step_kwargs(self, variant):
+        return {}
+
+    def model_first(self, variant):
+        return False
+
+    def make(self, config, variant):
+        return self.cls(**config, **self.variants[variant])
+
+    def sampler(self, sched, table, grid, variant=""):
+        return DPMSolverPP(3 if variant == "3M" else 2)
+
+    def hypotheses(self, sched, table, config, variant):
+        if variant != "3M":
+            return {}
+        return {"dpmsolver-3m-halved-d2": Hypothesis(
+            "the released DPM-Solver++ 3M update halves the D'' term (local error O(h^3): global order 2)",
+            "sampler", DPMSolverPP(3, halved_d2=True))}
+
+
 class _FlowMatchEuler(_Adapter):
     """Rectified flow x = (1 - s) x0 + s eps, model v = eps - x0: Euler in s is DDIM on the flow levels."""
 
@@ -716,6 +837,28 @@ class _FlowMatchEuler(_Adapter):
 
     def sampler(self, sched, table, grid, variant=""):
         return DDIM(0.0)
+
+
+class _FlowMatchHeun(_FlowMatchEuler):
+    """Heun on the flow ODE in t (refdiff.samplers.FlowHeun): two calls per step, Euler into t = 0."""
+
+    name = "FlowMatchHeunDiscreteScheduler"
+
+    def step_starts(self, ts):
+        return ts[::2]
+
+    def grid(self, sched, table):
+        s = _dedupe(sched.sigmas.double().numpy())
+        with np.errstate(divide="ignore"):
+            return Grid(Level(v, 1.0 - v, v, 2.0 * (np.log1p(-v) - np.log(v))) for v in s)
+
+    def grid_findings(self, sched, config, kw, ref):
+        n = config["steps"]
+        want = flow_sigmas(n, shift=float(config["beta_schedule"].split()[1]))
+        return [TB.compare_sigmas(_dedupe(_numpy(sched.sigmas)), want, np.append(np.full(n, 4.0 * TB.U32), 0.0))]
+
+    def sampler(self, sched, table, grid, variant=""):
+        return FlowHeun()
 
 
 # what a ``module:callable`` target may name as its ``refdiff_sampler`` (VP discrete-time schedulers ending at the data)
@@ -776,7 +919,8 @@ class _DDPMParallel(_DDPM):
 
 
 SCHEDULERS = {a.name: a for a in (_DDIM, _DDPM, _DPMMultistep, _DPMSinglestep, _DPMSDE, _UniPC, _DEIS, _Euler, _EulerA,
-                                  _Heun, _KDPM2, _LMS, _EDMEuler, _FlowMatchEuler, _DDIMParallel, _DDPMParallel)}
+                                  _Heun, _KDPM2, _LMS, _EDMEuler, _FlowMatchEuler, _DDIMParallel, _DDPMParallel,
+                                  _KDPM2A, _FlowMatchHeun, _EDMDPM)}
 
 _DISCRETE = "discrete-token (masked / uniform corruption) generation over a vocabulary: no continuous diffusion " \
             "maths to judge, out of scope"
@@ -786,19 +930,20 @@ NOT_MAPPED_REASONS = {
     "EntropyBoundScheduler": _DISCRETE, "DiscreteDDIMScheduler": _DISCRETE,
     "UnCLIPScheduler": "deprecated by diffusers (\"do not use\"): DDPMScheduler covers it",
     "RePaintScheduler": "inpainting resampling loop (jumps back in time inside a mask): not a sampler on a grid",
-    "PNDMScheduler": "not mapped yet (refdiff.samplers.PNDM reproduces its steps to 1e-10; the adapter for its "
-                     "repeated timesteps and PRK warm-up is not written)",
+    "PNDMScheduler": "not mapped yet: an adapter replaying refdiff.samplers.PNDM agreed on 64 of 172 cases (leading "
+                     "spacing, eps); the rest differ by three diffusers conventions still to be written as "
+                     "hypotheses: with v_prediction the Adams-Bashforth combination is taken over raw v outputs and "
+                     "converted to eps at the current step; steps go to t - T // N (and PLMS's second call from t1 + "
+                     "T // N), as DDIM's #12633, on non-uniform spacings; formula (9) forms alpha_bar_prev - "
+                     "alpha_bar_t in float32",
     "IPNDMScheduler": "not mapped yet (refdiff.samplers.IPNDM is the k-diffusion form)",
-    "KDPM2AncestralDiscreteScheduler": "not mapped yet (refdiff.samplers.DPM2Ancestral)",
     "SASolverScheduler": "not mapped yet (refdiff.samplers.SASolver)",
     "LCMScheduler": "not mapped yet: needs the consistency-function oracle (refdiff.oracles.ConsistencyOracle) as "
                     "the model",
     "TCDScheduler": "not mapped yet: needs the consistency-function oracle",
     "CMStochasticIterativeScheduler": "not mapped yet: needs the consistency-function oracle",
     "SCMScheduler": "not mapped yet: needs the TrigFlow consistency oracle",
-    "FlowMatchHeunDiscreteScheduler": "not mapped yet (refdiff.samplers.FlowHeun)",
     "FlowMatchLCMScheduler": "not mapped yet: needs the consistency-function oracle on flow levels",
-    "EDMDPMSolverMultistepScheduler": "not mapped yet (DPM-Solver++ on EDM sigmas)",
     "CosineDPMSolverMultistepScheduler": "not mapped yet (DPM-Solver++ on the cosine schedule in sigma)",
     "DDIMInverseScheduler": "not mapped yet (refdiff.inversion)",
     "DPMSolverMultistepInverseScheduler": "not mapped yet (inversion grid)",
