@@ -3,7 +3,7 @@
 Today: schedules against 50-digit mpmath, log-SNR round trips, oracle identities (Tweedie, importance-sampled
 posterior means, exact PF-ODE vs solve_ivp), objectives (Kingma & Gao's weighting table, the VDM bound's 1/T
 approach to the continuous ELBO), PF-ODE likelihoods (exact divergence and Hutchinson), sampler convergence orders,
-conformance of diffusers' schedulers (findings explained), Philox known answers and Triton's own generator.
+conformance of diffusers' schedulers and pipelines (findings explained), Philox known answers and Triton's own generator.
 Each case records its measured numbers, the rule it is judged by, and a verdict: pass / fail / not run.
 """
 
@@ -187,6 +187,34 @@ def _conformance_cases(store: dict, progress=None):
                                                           "explained_findings": len(known)},
                      "agree to float32 rounding, or the discrepancy explained by a confirmed hypothesis",
                      agree + len(known) == len(cs))
+        if findings:
+            case["detail"] = findings
+        yield case
+    yield from _pipeline_cases(store)
+
+
+def _pipeline_cases(store: dict):
+    """Whole diffusers pipelines (SD, SD img2img, SDXL, SD3, Flux; quick grid) judged from their traces."""
+    try:
+        from .check.runner import run_check
+
+        doc = run_check("diffusers-pipeline", quick=True)
+    except Exception as exc:                       # transformers absent (diffusers' pipeline modules import it)
+        yield {"group": "conformance", "name": "diffusers pipelines", "metric": {}, "rule": "refdiff check",
+               "verdict": "not run", "detail": f"{type(exc).__name__}: {exc}"}
+        return
+    store.setdefault("conformance", []).extend(
+        {k: c.get(k) for k in ("scheduler", "variant", "beta_schedule", "timestep_spacing", "steps",
+                               "prediction_type", "dtype", "per_step_ratio", "end_to_end_max_abs", "verdict",
+                               "findings")} for c in doc["cases"])
+    for name in dict.fromkeys(c["scheduler"] for c in doc["cases"]):
+        cs = [c for c in doc["cases"] if c["scheduler"] == name]
+        agree = sum(c["verdict"] == "pass" for c in cs)
+        known = [c for c in cs if c["verdict"] == "known"]
+        case = _case("conformance", name, {"cases": len(cs), "agree": agree, "explained_findings": len(known)},
+                     "every model call, step and the result within the rounding rule, or explained",
+                     agree + len(known) == len(cs))
+        findings = "; ".join(dict.fromkeys(f"[{f['id']}] {f['summary']}" for c in known for f in c["findings"]))
         if findings:
             case["detail"] = findings
         yield case

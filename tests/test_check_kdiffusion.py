@@ -26,14 +26,15 @@ def kdiff_doc():
 
 
 def test_every_k_diffusion_sampler_agrees_or_is_explained(kdiff_doc):
-    """The k-diffusion 0.1.1 set: 11 functions on 4 and 12 Karras steps with their variants (eta, churn, solver
-    type, r, LMS order); every model call's level and sample and every step within the rounding rule, except
-    DPM-Solver++ 3M SDE, whose halved D'' term is the known explanation. The two functions that choose their own
-    levels are listed as not checked, with the reason."""
+    """The k-diffusion 0.1.1 set: 12 functions on 4 and 12 Karras steps (DPM-fast: budgets of 6, 10, 14 on its own
+    log-uniform grid) with their variants (eta, churn, solver type, r, LMS order); every model call's level and
+    sample and every step within the rounding rule, except DPM-Solver++ 3M SDE, whose halved D'' term is the known
+    explanation. DPM-adaptive, which chooses its steps from the sample, is listed as not checked, with the reason."""
     cases = kdiff_doc["cases"]
     names = {c["scheduler"].split(":")[1] for c in cases}
     assert names == {f"sample_{n}" for n in KD.MAPPED}
-    assert len(cases) == 2 * (len(KD.MAPPED) + sum(len(v) for v in KD.VARIANTS.values()))
+    per_fn = {n: (3 if n in KD.OWN_LEVELS else 2) * (1 + len(KD.VARIANTS.get(n, []))) for n in KD.MAPPED}
+    assert len(cases) == sum(per_fn.values())
     for c in cases:
         if "dpmpp_3m_sde" in c["scheduler"]:
             assert c["verdict"] == "known" and c["findings"][0]["id"] == "dpmsolver-3m-halved-d2", c["finding"]
@@ -43,7 +44,7 @@ def test_every_k_diffusion_sampler_agrees_or_is_explained(kdiff_doc):
         assert max(c["level_ratio"] or [0]) <= 1.0
         # end to end against the float64 run with the exact oracle: float32 rounding over <= 23 model calls
         assert c["end_to_end_max_abs"] < 1e-5
-    assert set(kdiff_doc["unmapped"]) == {"sampling.py:sample_dpm_fast", "sampling.py:sample_dpm_adaptive"}
+    assert set(kdiff_doc["unmapped"]) == {"sampling.py:sample_dpm_adaptive"}
     assert kdiff_doc["exit_code"] == cli.EXIT_KNOWN
 
 
@@ -91,7 +92,7 @@ def test_a_hanging_function_times_out():
     ("kd_samplers:wrong_signature", "is not k-diffusion's"),
     ("kd_samplers:unnamed", "refdiff_sampler"),
     (KDIFF + ":sample_eulr", "did you mean 'sample_euler'"),
-    (KDIFF + ":sample_dpm_fast", "chooses its own levels"),
+    (KDIFF + ":sample_dpm_adaptive", "chooses its steps from the sample"),
     ("no/such/sampling.py", "no such file"),
 ])
 def test_usage_errors_exit_2_with_one_line(target, fragment, capsys):

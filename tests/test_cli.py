@@ -33,6 +33,8 @@ def test_report_writes_files_with_schema_and_verdicts(tmp_path):
     assert md.startswith("# refdiff report") and "| case | measured | rule | verdict |" in md
     assert "## convergence orders" in md and (out / "order.png").stat().st_size > 0
     assert {"schedules", "oracles", "objectives", "likelihood", "samplers", "conformance", "kernels", "rng"} <= groups
+    pipelines = {c["name"] for c in report["cases"] if c["name"].startswith("diffusers-pipeline:")}
+    assert {"diffusers-pipeline:StableDiffusionPipeline", "diffusers-pipeline:FluxPipeline"} <= pipelines
     assert json.loads((tmp_path / "copy.json").read_text())["cases"] == report["cases"]
 
 

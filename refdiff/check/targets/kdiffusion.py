@@ -60,11 +60,13 @@ MAPPED = {
     "euler": "euler", "euler_ancestral": "euler_ancestral", "heun": "heun", "dpm_2": "dpm_2",
     "dpm_2_ancestral": "dpm_2_ancestral", "lms": "lms", "dpmpp_2s_ancestral": "dpmpp_2s_ancestral",
     "dpmpp_sde": "dpmpp_sde", "dpmpp_2m": "dpmpp_2m", "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_3m_sde": "dpmpp_3m_sde",
+    "dpm_fast": "dpm_fast",
 }
+# functions that take (sigma_min, sigma_max, n) and choose their own levels: judged on refdiff's grid for the same
+# arguments (DPM-fast: uniform in t = -log sigma; the function forms it in float32, within the level rule)
+OWN_LEVELS = ("dpm_fast",)
 CHURNED = ("euler", "heun", "dpm_2")
 NOT_MAPPED = {
-    "dpm_fast": "chooses its own levels from (sigma_min, sigma_max, n) in t = -log sigma: not a function of a sigma "
-                "grid (refdiff.samplers.DPMFast runs it on Grid.from_sigmas(dpm_fast_sigmas(...)))",
     "dpm_adaptive": "chooses its steps from the sample (an error controller): refdiff.samplers.dpm_adaptive is "
                     "judged by its tolerance in `refdiff order`, not step by step",
 }
@@ -74,7 +76,7 @@ VARIANTS = {
     "heun": [{"s_churn": 2.0, "s_tmin": 0.05, "s_tmax": 10.0}],
     "euler_ancestral": [{"eta": 0.5}], "dpm_2_ancestral": [{"eta": 0.5}], "dpmpp_2s_ancestral": [{"eta": 0.5}],
     "dpmpp_sde": [{"eta": 0.5}, {"r": 0.3}], "dpmpp_2m_sde": [{"solver_type": "heun"}, {"eta": 0.5}],
-    "dpmpp_3m_sde": [{"eta": 0.5}], "lms": [{"order": 2}],
+    "dpmpp_3m_sde": [{"eta": 0.5}], "lms": [{"order": 2}], "dpm_fast": [{"eta": 0.5}],
 }
 _PASS_ON = ("eta", "s_noise", "solver_type", "r", "order")
 # known conventions of the released code, re-run as the reference when a case disagrees: (id, what, sampler flags)
@@ -230,7 +232,7 @@ class KFunction:
     def cases(self, quick: bool = False):
         base = self.refdiff_name
         kws = [{}] + [v for v in VARIANTS.get(base, []) if all(k in self.params for k in v)]
-        steps = (8,) if quick else (4, 12)
+        steps = ((8,) if quick else (4, 12)) if base not in OWN_LEVELS else ((10,) if quick else (6, 10, 14))
         return [{"variant": _variant_label(kw), "kwargs": kw, "steps": n, "beta_schedule": "karras sigmas",
                  "timestep_spacing": "-", "prediction_type": "x0 (denoiser)", "dtype": "float32"}
                 for kw in kws for n in steps]
@@ -238,6 +240,9 @@ class KFunction:
     def sampler(self, kwargs):
         from ...samplers import Churn, sampler
 
+        if self.refdiff_name in OWN_LEVELS:
+            return sampler(self.refdiff_name, nfe=kwargs["nfe"], **{k: v for k, v in kwargs.items()
+                                                                      if k in ("eta", "s_noise")})
         if self.refdiff_name in CHURNED and "s_churn" in kwargs:
             churn = Churn(kwargs.get("s_churn", 0.0), kwargs.get("s_tmin", 0.0), kwargs.get("s_tmax", np.inf),
                           kwargs.get("s_noise", 1.0))
@@ -251,10 +256,16 @@ class KFunction:
         from ...samplers import Grid
 
         n = int(config["steps"])
-        sig = torch.from_numpy(grids.sigmas("karras", n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO)
-                               ).to(torch.float32)
+        own = self.refdiff_name in OWN_LEVELS
+        if own:                            # n is the evaluation budget; the grid is DPM-fast's for it
+            from ...samplers.dpm_solver import dpm_fast_sigmas
+
+            sig = torch.from_numpy(dpm_fast_sigmas(n, SIGMA_MIN, SIGMA_MAX)).to(torch.float32)
+        else:
+            sig = torch.from_numpy(grids.sigmas("karras", n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO)
+                                   ).to(torch.float32)
         sig64 = sig.double().numpy()
-        grid = Grid.from_sigmas(sig64)
+        grid = Grid.from_sigmas(dpm_fast_sigmas(n, SIGMA_MIN, SIGMA_MAX) if own else sig64)
         if x_T is None:
             x_T = np.random.default_rng(seed).standard_normal((2, 4)) * SIGMA_MAX
         x = torch.from_numpy(np.asarray(x_T, dtype=np.float32))
@@ -287,11 +298,14 @@ class KFunction:
             call_kw["noise_sampler"] = noise_sampler
         case = {"scheduler": self.name, **{k: v for k, v in config.items() if k != "kwargs"},
                 "kwargs": kw, "x_T": np.asarray(x_T).tolist(), "sigmas": sig64.tolist()}
-        smp = self.sampler(kw)
+        smp = self.sampler({**kw, "nfe": n} if own else kw)
         case["refdiff_sampler"] = smp.name
         torch.randn_like = randn_like
         try:
-            out = self.fn(model, x.clone(), sig.clone(), **call_kw)
+            if own:
+                out = self.fn(model, x.clone(), SIGMA_MIN, SIGMA_MAX, n, **call_kw)
+            else:
+                out = self.fn(model, x.clone(), sig.clone(), **call_kw)
         finally:
             torch.randn_like = real_randn_like
         out = out[0] if isinstance(out, tuple) else out
@@ -353,6 +367,10 @@ def _functions(module, only: str | None, label: str, path: str | None = None, st
         fn = getattr(module, n)
         if short in NOT_MAPPED:
             skipped[f"{label}:{n}"] = NOT_MAPPED[short]
+        elif short in OWN_LEVELS and inspect.isfunction(fn) and \
+                list(inspect.signature(fn).parameters)[:5] == ["model", "x", "sigma_min", "sigma_max", "n"]:
+            src = {"path": path, "function": n, "stubbed": sorted(stubbed)} if path else None
+            out.append(KFunction(fn, f"{label}:{n}", short, src))
         elif not looks_like_sampler_function(fn):
             skipped[f"{label}:{n}"] = f"signature {inspect.signature(fn)} is not (model, x, sigmas, ...)"
         elif short in MAPPED or (short in SAMPLER_NAMES and "cfg_pp" not in short):
