@@ -34,9 +34,10 @@ def _explained(case, fid):
     return case["verdict"] == "known" and _ids(case) == [fid] and case["findings"][0]["explained"]
 
 
-# the 3M, churn and UniPC bh1 variants disagree by design (findings, tested below)
+# the 3M, churn and UniPC bh1 variants, and TCD (its last step stops at t = 0), disagree by design (findings, tested
+# below)
 AGREEING = [(name, variant) for name, cls in DS.SCHEDULERS.items() for variant in cls.variants
-            if variant not in ("3M", "churn", "bh1")]
+            if variant not in ("3M", "churn", "bh1") and name != "TCDScheduler"]
 
 
 @pytest.mark.parametrize("name,variant", AGREEING, ids=lambda v: v or "default")
@@ -369,7 +370,7 @@ def test_current_diffusers_passes_the_gate_with_its_explained_findings_accepted(
 
 
 def test_unmapped_diffusers_schedulers_and_typos_are_named(capsys):
-    assert cli.main(["check", "diffusers:LCMScheduler"]) == cli.EXIT_USAGE
+    assert cli.main(["check", "diffusers:SASolverScheduler"]) == cli.EXIT_USAGE
     assert "does not map yet" in capsys.readouterr().err
     assert cli.main(["check", "diffusers:EulerDiscreteSchedular"]) == cli.EXIT_USAGE
     assert "did you mean 'EulerDiscreteScheduler'" in capsys.readouterr().err
@@ -419,3 +420,43 @@ def test_kdpm2_ancestral_findings_are_explained(schedule, spacing, steps, pred, 
     case = DS.run_case(adapter, dict(variant="", beta_schedule=schedule, timestep_spacing=spacing, steps=steps,
                                      prediction_type=pred, dtype="float32"))
     assert _explained(case, fid), case["finding"]
+
+
+def _lcm_case(name, steps, prediction="epsilon", dtype="float32"):
+    adapter = DS.SCHEDULERS[name](diffusers)
+    return DS.run_case(adapter, dict(variant="", beta_schedule="scaled_linear", timestep_spacing="-", steps=steps,
+                                     prediction_type=prediction, dtype=dtype))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_lcm_with_the_exact_consistency_function_agrees(prediction):
+    """The model is the exact consistency function of a Gaussian (boundary c_skip x + c_out F with timestep
+    scaling 10): each LCM step is D = f(x) exactly, then fresh noise to the next level."""
+    case = _lcm_case("LCMScheduler", 5, prediction)          # 5 divides 50: diffusers' grid is the paper's
+    assert case["verdict"] == "pass", case["finding"]
+    assert max(case["per_step_ratio"]) <= 1.0
+
+
+def test_lcm_even_spacing_is_an_explained_grid_finding():
+    case = _lcm_case("LCMScheduler", 3)
+    assert _explained(case, "diffusers-lcm-even-spacing"), case["finding"]
+    assert case["findings"][0]["evidence"]["paper"] == [999, 679, 359]
+
+
+def test_lcm_boundary_scaling_error_is_caught(monkeypatch):
+    real = diffusers.LCMScheduler.get_scalings_for_boundary_condition_discrete
+
+    def off(self, timestep):
+        c_skip, c_out = real(self, timestep)
+        return c_skip, c_out * 1.0001
+    monkeypatch.setattr(diffusers.LCMScheduler, "get_scalings_for_boundary_condition_discrete", off)
+    case = _lcm_case("LCMScheduler", 5)
+    assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "step"
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10])
+def test_tcd_stops_at_t0_instead_of_the_data(steps):
+    """diffusers' TCD maps its last step to s' = floor((1 - gamma) 0) = 0: the sample at alpha_bar_0 < 1 is
+    returned (sigma_0 / alpha_0 ~ 0.03 of noise left), which the re-run with that last level reproduces."""
+    case = _lcm_case("TCDScheduler", steps)
+    assert case["verdict"] == "known" and "diffusers-tcd-ends-at-t0" in _ids(case), case["finding"]

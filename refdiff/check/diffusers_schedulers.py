@@ -16,7 +16,9 @@ import numpy as np
 from .. import schedules as S
 from ..grids import flow_sigmas
 from ..convergence import oracle_model
-from ..oracles import GaussianMixture
+from ..oracles import ConsistencyOracle, GaussianData, GaussianMixture
+from ..samplers import LCM, TCD
+from ..samplers.consistency import boundary_scalings
 from ..samplers import (DDIM, DDPM, DEIS, DPM2, LMS, Churn, DPM2Ancestral, FlowHeun, DPMSolverPP, DPMSolverPPSDE, DPMSolverPPSinglestep, Euler,
                         EulerAncestral, Grid, Heun, Level, SDEDPMSolverPP2M, UniPC, model_coeffs)
 from ..samplers.base import State
@@ -906,6 +908,95 @@ class ProtocolAdapter(_Adapter):
         return PROTOCOL_SAMPLERS[self.kind]()
 
 
+def _gaussian_oracle():
+    """The consistency schedulers' data: one Gaussian (the exact consistency function is closed-form for it)."""
+    rng = np.random.default_rng(1)
+    B = rng.standard_normal((4, 4)) * 0.3
+    return GaussianData(rng.uniform(-1, 1, 4), B @ B.T + 0.2 * np.eye(4))
+
+
+class _LCM(_Adapter):
+    """The Latent Consistency Model's multistep sampler (refdiff.samplers.LCM; boundary c_skip x + c_out F with
+    diffusers' timestep scaling 10), judged with the exact consistency function of a Gaussian as the model
+    (refdiff.oracles.ConsistencyOracle): D = f(x) exactly, then x' = alpha' D + sigma' z with the step's generator."""
+
+    name = "LCMScheduler"
+    spacings = ("-",)             # LCM's own skipping-step timesteps over original_inference_steps = 50
+    predictions = ("epsilon", "v_prediction", "sample")
+    schedules = ("scaled_linear", "linear")
+    ORIGINAL_STEPS = 50
+
+    def supports(self, config):
+        return config["steps"] <= self.ORIGINAL_STEPS
+
+    def make(self, config, variant):
+        return self.cls(**config, original_inference_steps=self.ORIGINAL_STEPS)
+
+    def grid(self, sched, table):
+        return Grid.from_discrete(table, np.asarray(sched.timesteps).astype(np.int64), final="data")
+
+    def grid_findings(self, sched, config, kw, ref):
+        """Luo et al. 2023's skipping-step schedule: the original N' = 50 timesteps (k T / N' - 1), every
+        floor(N' / n)-th from the top, the first n."""
+        T, n = kw["num_train_timesteps"], config["steps"]
+        origin = np.arange(1, self.ORIGINAL_STEPS + 1) * (T // self.ORIGINAL_STEPS) - 1
+        want = origin[::-1][:: len(origin) // n][:n]
+        target = _numpy(sched.timesteps)
+        f = TB.compare_timesteps(target, want)
+        even = origin[::-1][np.floor(np.linspace(0, len(origin), n, endpoint=False)).astype(np.int64)]
+        if f is not None and TB.compare_timesteps(target, even) is None:
+            f = Finding("grid", f"the {n} steps are spread evenly over the {self.ORIGINAL_STEPS} original timesteps "
+                                "(floor of a linspace of indices), not taken with the paper's constant skipping step "
+                                f"floor({self.ORIGINAL_STEPS} / n) (Luo et al. 2023, Sec. 4.3): {target.tolist()} "
+                                f"instead of {want.tolist()}", explained=True, id="diffusers-lcm-even-spacing",
+                        evidence={"target": target.tolist(), "paper": want.tolist()})
+        return [f]
+
+    def sampler(self, sched, table, grid, variant=""):
+        return LCM("lcm")
+
+    def model(self, prediction):
+        oracle = ConsistencyOracle(_gaussian_oracle()).model(PREDICTIONS[prediction],
+                                                              scalings=lambda lv: boundary_scalings("lcm", lv))
+        return lambda x, level: oracle(x, level)
+
+
+class _TCDEndsAtT0(TCD):
+    """TCD whose step into the data stops at the table's t = 0 instead (a hypothesis of the check)."""
+
+    def __init__(self, gamma, first: Level):
+        super().__init__(gamma)
+        self.first = first
+
+    def step(self, ctx, cur, nxt, state):
+        return super().step(ctx, cur, self.first if nxt.is_data else nxt, state)
+
+
+class _TCD(_LCM):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (refdiff.samplers.TCD, gamma = eta =
+    0.3): the model is asked for the trajectory-consistency map to s' = floor((1 - gamma) s) (the exact map of a
+    Gaussian, ConsistencyOracle with a target level), then forward noise from s' back to s."""
+
+    name = "TCDScheduler"
+    GAMMA = 0.3
+
+    def step_kwargs(self, variant):
+        return {"eta": self.GAMMA}
+
+    def sampler(self, sched, table, grid, variant=""):
+        return TCD(self.GAMMA)
+
+    def model(self, prediction):
+        return ConsistencyOracle(_gaussian_oracle()).model(PREDICTIONS[prediction])
+
+    def hypotheses(self, sched, table, config, variant):
+        """diffusers' TCD ends on the table's first entry (t = 0, alpha_bar_0 < 1), not on the data: its last step
+        maps to s' = floor((1 - gamma) 0) = 0 and returns that (still noisy) sample."""
+        return {"diffusers-tcd-ends-at-t0": Hypothesis(
+            "the last step lands on t = 0 (alpha_bar_0 < 1: sigma_0 / alpha_0 ~ 0.03 of noise left) instead of the "
+            "data", "sampler", _TCDEndsAtT0(self.GAMMA, _level(table, 0)))}
+
+
 class _DDIMParallel(_DDIM):
     """DDIMScheduler's batched-timestep variant (ParaDiGMS); its step() is DDIM's, so is its #12633 convention."""
 
@@ -920,7 +1011,7 @@ class _DDPMParallel(_DDPM):
 
 SCHEDULERS = {a.name: a for a in (_DDIM, _DDPM, _DPMMultistep, _DPMSinglestep, _DPMSDE, _UniPC, _DEIS, _Euler, _EulerA,
                                   _Heun, _KDPM2, _LMS, _EDMEuler, _FlowMatchEuler, _DDIMParallel, _DDPMParallel,
-                                  _KDPM2A, _FlowMatchHeun, _EDMDPM)}
+                                  _KDPM2A, _FlowMatchHeun, _EDMDPM, _LCM, _TCD)}
 
 _DISCRETE = "discrete-token (masked / uniform corruption) generation over a vocabulary: no continuous diffusion " \
             "maths to judge, out of scope"
@@ -938,9 +1029,6 @@ NOT_MAPPED_REASONS = {
                      "alpha_bar_t in float32",
     "IPNDMScheduler": "not mapped yet (refdiff.samplers.IPNDM is the k-diffusion form)",
     "SASolverScheduler": "not mapped yet (refdiff.samplers.SASolver)",
-    "LCMScheduler": "not mapped yet: needs the consistency-function oracle (refdiff.oracles.ConsistencyOracle) as "
-                    "the model",
-    "TCDScheduler": "not mapped yet: needs the consistency-function oracle",
     "CMStochasticIterativeScheduler": "not mapped yet: needs the consistency-function oracle",
     "SCMScheduler": "not mapped yet: needs the TrigFlow consistency oracle",
     "FlowMatchLCMScheduler": "not mapped yet: needs the consistency-function oracle on flow levels",

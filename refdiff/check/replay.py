@@ -107,7 +107,7 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
     bstate, ratios, draws, nonfinite = State(), [], [], 0
     n_steps = len(step_grids) if step_grids is not None else len(grid)
     for i in range(n_steps):
-        g = Grid(step_grids[i]) if step_grids is not None else grid
+        g = Grid(step_grids[i], grid.schedule) if step_grids is not None else grid
         st = State() if step_grids is not None else adapter.sync(sched, bstate)
         cur, nxt = g.levels[st.step], g.levels[st.step + 1]
 

@@ -186,9 +186,19 @@ def looks_like_sampler_function(obj) -> bool:
 
 
 class _ModelSampling:
-    """What ComfyUI's samplers read off the model to choose their variant: an eps / EDM-type model (not CONST)."""
+    """What ComfyUI's samplers read off the model to choose their variant: an eps / EDM-type model (not CONST),
+    with its VE noise scaling (ComfyUI's EPS.noise_scaling: latent + sigma noise) and sigma range."""
 
     noise_scale = 1.0
+    sigma_min, sigma_max = SIGMA_MIN, SIGMA_MAX
+
+    @staticmethod
+    def noise_scaling(sigma, noise, latent_image, max_denoise=False):
+        return latent_image + noise * sigma
+
+    @staticmethod
+    def inverse_noise_scaling(sigma, latent):
+        return latent
 
 
 class OracleDenoiser:
