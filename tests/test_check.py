@@ -34,10 +34,10 @@ def _explained(case, fid):
     return case["verdict"] == "known" and _ids(case) == [fid] and case["findings"][0]["explained"]
 
 
-# the 3M, churn and UniPC bh1 variants, and TCD (its last step stops at t = 0), disagree by design (findings, tested
-# below)
+# the 3M, churn and UniPC bh1 variants, TCD (its last step stops at t = 0) and CM (float32 noise at the boundary)
+# disagree by design (findings, tested below)
 AGREEING = [(name, variant) for name, cls in DS.SCHEDULERS.items() for variant in cls.variants
-            if variant not in ("3M", "churn", "bh1") and name != "TCDScheduler"]
+            if variant not in ("3M", "churn", "bh1") and name not in ("TCDScheduler", "CMStochasticIterativeScheduler")]
 
 
 @pytest.mark.parametrize("name,variant", AGREEING, ids=lambda v: v or "default")
@@ -460,3 +460,17 @@ def test_tcd_stops_at_t0_instead_of_the_data(steps):
     returned (sigma_0 / alpha_0 ~ 0.03 of noise left), which the re-run with that last level reproduces."""
     case = _lcm_case("TCDScheduler", steps)
     assert case["verdict"] == "known" and "diffusers-tcd-ends-at-t0" in _ids(case), case["finding"]
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10])
+def test_consistency_model_sampling_agrees_up_to_its_boundary_noise(steps):
+    """CMStochasticIterative with the exact consistency function (EDM boundary at sigma_min = 0.002): every step
+    agrees; the last adds sqrt(float32(0.002)^2 - 0.002^2) = 6.7e-7 of noise at the boundary (one step: none)."""
+    adapter = DS.SCHEDULERS["CMStochasticIterativeScheduler"](diffusers)
+    case = DS.run_case(adapter, dict(variant="", beta_schedule="karras", timestep_spacing="-", steps=steps,
+                                     prediction_type="sample", dtype="float32"))
+    if steps == 1:
+        assert case["verdict"] == "pass", case["finding"]
+    else:
+        assert _explained(case, "diffusers-cm-last-step-noise"), case["finding"]
+        assert max(case["per_step_ratio"][:-1]) <= 1.0

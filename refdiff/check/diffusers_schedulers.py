@@ -17,7 +17,7 @@ from .. import schedules as S
 from ..grids import flow_sigmas
 from ..convergence import oracle_model
 from ..oracles import ConsistencyOracle, GaussianData, GaussianMixture
-from ..samplers import LCM, TCD
+from ..samplers import LCM, TCD, CMMultistep
 from ..samplers.consistency import boundary_scalings
 from ..samplers import (DDIM, DDPM, DEIS, DPM2, LMS, Churn, DPM2Ancestral, FlowHeun, DPMSolverPP, DPMSolverPPSDE, DPMSolverPPSinglestep, Euler,
                         EulerAncestral, Grid, Heun, Level, SDEDPMSolverPP2M, UniPC, model_coeffs)
@@ -997,6 +997,78 @@ class _TCD(_LCM):
             "data", "sampler", _TCDEndsAtT0(self.GAMMA, _level(table, 0)))}
 
 
+class _CMLastNoise(CMMultistep):
+    """CM multistep sampling whose last step adds ``residue`` z (a hypothesis of the check)."""
+
+    def __init__(self, residue: float):
+        super().__init__("edm")
+        self.residue = residue
+
+    def step(self, ctx, cur, nxt, state):
+        out, extra = super().step(ctx, cur, nxt, state)
+        if state.step == len(ctx.grid) - 1:
+            out = out + ctx.noise() * self.residue
+        return out, extra
+
+
+class _CM(_Adapter):
+    """Consistency models' multistep sampling (Song et al. 2023, Alg. 1; refdiff.samplers.CMMultistep): D = c_skip x
+    + c_out F with EDM's boundary scalings (sigma_data 0.5, boundary sigma_min 0.002), then D + sqrt(sigma_next^2 -
+    sigma_min^2) z. The model is the exact consistency function of a Gaussian mapping to sigma_min. diffusers'
+    default clip_denoised=True clamps D to [-1, 1] (a data-range assumption, not part of the method): off here."""
+
+    name = "CMStochasticIterativeScheduler"
+    space = "ve"
+    predictions = ("sample",)                 # the network's raw output F
+    schedules = ("karras",)
+    spacings = ("-",)
+    SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+    def scheduler_config(self, config):
+        return dict(sigma_min=self.SIGMA_MIN, sigma_max=self.SIGMA_MAX, rho=self.RHO)
+
+    def supports(self, config):
+        return config["steps"] <= 40          # its num_train_timesteps: the grid picks steps from those 40
+
+    def make(self, config, variant):
+        return self.cls(**config, clip_denoised=False)
+
+    def table(self, sched):
+        return None
+
+    def grid(self, sched, table):
+        return Grid.from_sigmas(sched.sigmas.double().numpy())
+
+    def grid_findings(self, sched, config, kw, ref):
+        return []               # its Karras sigmas over the 40-step training discretization: not judged yet
+
+    def sampler(self, sched, table, grid, variant=""):
+        return CMMultistep("edm")
+
+    def hypotheses(self, sched, table, config, variant):
+        import torch
+
+        # diffusers' last step adds z sqrt(sigma_hat^2 - sigma_min^2) with sigma_hat = float32(sigma_min) and
+        # sigma_min the configuration's Python float: a float32 residue instead of 0
+        s32 = torch.tensor(self.SIGMA_MIN, dtype=torch.float32)
+        residue = float((s32 ** 2 - self.SIGMA_MIN ** 2) ** 0.5)
+        return {"diffusers-cm-last-step-noise": Hypothesis(
+            f"the last step adds z sqrt(float32(sigma_min)^2 - sigma_min^2) = {residue:.3g} z of noise at the boundary "
+            "(float32 sigma_min against the Python float) where the method adds none", "sampler",
+            _CMLastNoise(residue))}
+
+    def coeffs(self, prediction, level):
+        return 0.0, 1.0
+
+    def model(self, prediction):
+        oracle = ConsistencyOracle(_gaussian_oracle(), boundary=(1.0, self.SIGMA_MIN)).model(
+            "x0", scalings=lambda lv: boundary_scalings("edm", lv))
+        return lambda x, level: oracle(x, level)
+
+    def x_T_scale(self, sched, grid):
+        return float(sched.init_noise_sigma)
+
+
 class _DDIMParallel(_DDIM):
     """DDIMScheduler's batched-timestep variant (ParaDiGMS); its step() is DDIM's, so is its #12633 convention."""
 
@@ -1011,7 +1083,7 @@ class _DDPMParallel(_DDPM):
 
 SCHEDULERS = {a.name: a for a in (_DDIM, _DDPM, _DPMMultistep, _DPMSinglestep, _DPMSDE, _UniPC, _DEIS, _Euler, _EulerA,
                                   _Heun, _KDPM2, _LMS, _EDMEuler, _FlowMatchEuler, _DDIMParallel, _DDPMParallel,
-                                  _KDPM2A, _FlowMatchHeun, _EDMDPM, _LCM, _TCD)}
+                                  _KDPM2A, _FlowMatchHeun, _EDMDPM, _LCM, _TCD, _CM)}
 
 _DISCRETE = "discrete-token (masked / uniform corruption) generation over a vocabulary: no continuous diffusion " \
             "maths to judge, out of scope"
@@ -1029,7 +1101,6 @@ NOT_MAPPED_REASONS = {
                      "alpha_bar_t in float32",
     "IPNDMScheduler": "not mapped yet (refdiff.samplers.IPNDM is the k-diffusion form)",
     "SASolverScheduler": "not mapped yet (refdiff.samplers.SASolver)",
-    "CMStochasticIterativeScheduler": "not mapped yet: needs the consistency-function oracle",
     "SCMScheduler": "not mapped yet: needs the TrigFlow consistency oracle",
     "FlowMatchLCMScheduler": "not mapped yet: needs the consistency-function oracle on flow levels",
     "CosineDPMSolverMultistepScheduler": "not mapped yet (DPM-Solver++ on the cosine schedule in sigma)",
