@@ -474,3 +474,44 @@ def test_consistency_model_sampling_agrees_up_to_its_boundary_noise(steps):
     else:
         assert _explained(case, "diffusers-cm-last-step-noise"), case["finding"]
         assert max(case["per_step_ratio"][:-1]) <= 1.0
+
+
+def test_a_scheduler_finding_writes_a_reproducer_that_runs_without_the_checker(tmp_path):
+    """The protocol target's off-by-one: the script rebuilds it from its factory, replays the recorded model
+    outputs and shows the step beyond the bound (exit 1)."""
+    import os
+    import subprocess
+    import sys
+
+    tests_dir = os.path.dirname(__file__)
+    assert cli.main(["check", "protocol_scheduler:ddim_off_by_one", "--quick", "--quiet", "--out",
+                     str(tmp_path)]) == cli.EXIT_FAIL
+    script = sorted(tmp_path.glob("repro_*.py"))[0]
+    assert "import refdiff" not in script.read_text()
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tests_dir)
+    assert res.returncode == 1 and "beyond the rounding bound" in res.stdout, res.stdout + res.stderr
+
+
+def test_a_diffusers_reproducer_rebuilds_the_scheduler_from_its_config(tmp_path, monkeypatch):
+    """A planted error (Euler's step scaled by 1 + 1e-4) is recorded with diffusers' own configuration; the script,
+    run against the unpatched diffusers, rebuilds the same scheduler and agrees with the stored reference at every
+    step (exit 0): the recorded outputs and reference values are the run's."""
+    import subprocess
+    import sys
+
+    from refdiff.check.reproducer import write_reproducers
+
+    real = diffusers.EulerDiscreteScheduler.step
+
+    def off(self, model_output, timestep, sample, **kw):
+        out = real(self, model_output, timestep, sample, **kw)
+        out.prev_sample = out.prev_sample * (1 + 1e-4)
+        return out
+    monkeypatch.setattr(diffusers.EulerDiscreteScheduler, "step", off)
+    adapter = DS.SCHEDULERS["EulerDiscreteScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 6))
+    assert case["verdict"] == "fail" and case["reproducer"]["build"]["scheduler"] == "EulerDiscreteScheduler"
+    monkeypatch.undo()
+    (script,) = write_reproducers({"cases": [case]}, tmp_path)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "not reproduced" in res.stdout, res.stdout + res.stderr

@@ -65,6 +65,7 @@ class _Diffusers:
         self.gen = torch.Generator().manual_seed(seed)
         self.recorded = adapter.noise_recorder(sched, self.x)
         self.step_kwargs = dict(step_kwargs or {})
+        self.outputs = []                  # the model output of every call, as the target got it (for reproducers)
         # the target draws from the generator passed to step(): stochastic samplers, and the churn of step_kwargs
         takes_generator = "generator" in inspect.signature(sched.step).parameters
         self.pass_generator = takes_generator and stochastic
@@ -86,6 +87,7 @@ class _Diffusers:
                              f"{tuple(self.x.shape)}")
         self.x = out.to(self.dtype)
         self.k += 1
+        self.outputs.append(m.double().numpy())
         return m.double().numpy()
 
 
@@ -105,6 +107,7 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
     ref_gen = torch.Generator().manual_seed(seed)
     u = float(torch.finfo(side.dtype).eps) / 2.0
     bstate, ratios, draws, nonfinite = State(), [], [], 0
+    refs = []                  # (calls made so far, reference value, bound) after each step (for reproducers)
     n_steps = len(step_grids) if step_grids is not None else len(grid)
     for i in range(n_steps):
         g = Grid(step_grids[i], grid.schedule) if step_grids is not None else grid
@@ -127,6 +130,7 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
                 return side.recorded.pop(0)
             return torch.randn(tuple(side.x.shape), generator=ref_gen, dtype=side.dtype).double().numpy()
 
+        start = (side.k, side.x.double().numpy())          # the target's own state at the step's start
         ctx = BoundedContext(exact(side.x.double().numpy()), denoise, noise, st.history, g)
         out, extra = smp.step(ctx, cur, nxt, st)
         theirs = side.x.double().numpy()
@@ -136,6 +140,8 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
         bound = R * u * (out.e + terms)
         with np.errstate(invalid="ignore"):
             ratios.append(float(np.max(np.abs(theirs - out.v) / (bound + 1e-300))))
+        refs.append((side.k, np.asarray(out.v, dtype=np.float64), np.broadcast_to(bound, np.shape(out.v)).copy(),
+                     start))
         nonfinite += int(np.count_nonzero(~np.isfinite(theirs)))
         draws.extend(ctx.draws)
         history = tuple((list(reversed(ctx.evaluated)) + list(st.history))[:2])
@@ -143,6 +149,8 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
                          extra=extra)
     if side.k != len(side.calls):
         raise _Mismatch(f"diffusers has {len(side.calls)} timesteps, refdiff's sampler evaluated {side.k}")
+    _replay.last = {"outputs": side.outputs, "refs": refs, "step_kwargs": side.step_kwargs,
+                    "generator": side.pass_generator}
     return ratios, draws, nonfinite, side.x.double().numpy()
 
 
@@ -233,6 +241,7 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
 
     try:
         ratios, draws, nonfinite, x_final = _replay(adapter, sched, grid, smp, config, x_T, seed)
+        recorded = _replay.last
     except _Mismatch as exc:
         findings.append(Finding("structure", f"step structure differs: {exc}"))
         return done({"per_step_ratio": [], "nonfinite": 0, "end_to_end_max_abs": None})
@@ -259,6 +268,14 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
             evidence={"per_step_ratio": ratios}))
     elif max(ratios) > 1.0:
         findings.append(_explain(adapter, config, table, grid, x_T, seed, ratios))
+    if any(not f.explained for f in findings):
+        from .reproducer import diffusers_payload
+
+        if getattr(adapter, "factory", None) is not None:        # a step-protocol factory: rebuilt by its name
+            build = {"factory": adapter.name, "config": adapter.scheduler_config(config)}
+        else:
+            build = {"scheduler": adapter.name, "config": dict(sched.config)}
+        extra["reproducer"] = diffusers_payload(build, config, x_T, seed, recorded)
     return done(extra)
 
 

@@ -2,7 +2,9 @@
 next to the report, that shows the disagreement without refdiff (numpy, torch and the target itself only), ready
 to attach to an upstream issue.
 
-A sampler-function case's script replays the run refdiff recorded: the model returns the recorded outputs in call
+A diffusers-scheduler case's script rebuilds the scheduler from its configuration and feeds step() the recorded
+model outputs, comparing the sample after each step with the stored reference. A sampler-function case's script
+replays the run refdiff recorded: the model returns the recorded outputs in call
 order (the target is deterministic given them, so it retraces its own run), the noise sampler the recorded draws;
 it prints every model call whose sigma differs from the sampler's stage level and every step whose state differs
 from the reference value refdiff computed in float64 from the target's own previous state, by more than the stated
@@ -19,7 +21,20 @@ import numpy as np
 
 from .._io import write_text
 
-__all__ = ["write_reproducers", "kfunction_payload"]
+__all__ = ["write_reproducers", "kfunction_payload", "diffusers_payload"]
+
+
+def diffusers_payload(build: dict, config: dict, x_T, seed: int, recorded: dict) -> dict:
+    """What a scheduler reproducer needs: how to build it (``{"scheduler": diffusers class name, "config": its full
+    configuration}`` or ``{"factory": "module:callable", "config": the dict it is called with}``), the number of
+    steps, the dtype, the recorded model output of every call, and after each step the reference value and bound."""
+    cfg = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in build["config"].items()}
+    return {"kind": "diffusers", "build": {**build, "config": json.loads(json.dumps(cfg, default=str))},
+            "steps": int(config["steps"]), "dtype": config.get("dtype", "float32"), "seed": int(seed),
+            "x_T": np.asarray(x_T, dtype=np.float64).tolist(), "generator": bool(recorded["generator"]),
+            "step_kwargs": recorded["step_kwargs"], "outputs": [np.asarray(m).tolist() for m in recorded["outputs"]],
+            "reference": [[int(k), v.tolist(), b.tolist()] for k, v, b, _ in recorded["refs"]],
+            "starts": [[int(k0), x0.tolist()] for _, _, _, (k0, x0) in recorded["refs"]]}
 
 
 def kfunction_payload(source: dict, sigmas, x_T, kwargs, trace, judgement, direct_draws) -> dict:
@@ -145,6 +160,74 @@ def main():
         print(f"state {{i}}: max |target - reference| = {{err.max():.3e}}, {{ratio:.3g}} x the bound{{flag}}")
         bad += ratio > 1
     print("reproduced" if bad else "not reproduced")
+    if bad:
+        print("(the function owns its loop, so the replay cannot restart a step from its recorded state: the first "
+              "state beyond the bound is the finding, later ones inherit it)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+_DIFFUSERS = '''#!/usr/bin/env python
+"""Reproducer written by refdiff check: {title}
+
+{summary}
+
+Builds {target} with the configuration of the case, feeds step() the model outputs recorded by the check
+(float{bits} samples; the generator seeded as in the check), starting each step from the scheduler's own sample of
+the recorded run, and compares the sample after each step with the reference value computed in float64 from that
+same start, against the stated rounding bound
+(4 u times the running error bound of the paper-form step). Needs numpy, torch and the scheduler's package only.
+Exit status 1: the disagreement is reproduced.
+"""
+import json
+import sys
+
+import numpy as np
+import torch
+
+DATA = json.loads({data!r})
+
+
+def build(spec):
+    if "factory" in spec:                       # a step-protocol factory, imported from the working directory
+        import importlib
+        module, _, name = spec["factory"].partition(":")
+        sys.path.insert(0, "")
+        return getattr(importlib.import_module(module), name)(spec["config"])
+    import diffusers
+    return getattr(diffusers, spec["scheduler"]).from_config(spec["config"])
+
+
+def main():
+    sched = build(DATA["build"])
+    sched.set_timesteps(DATA["steps"])
+    dtype = getattr(torch, DATA["dtype"])
+    x = torch.tensor(DATA["x_T"], dtype=torch.float32).to(dtype)
+    gen = torch.Generator().manual_seed(DATA["seed"])
+    refs = {{k: (np.asarray(v), np.asarray(b)) for k, v, b in DATA["reference"]}}
+    starts = {{k: x0 for k, x0 in DATA["starts"]}}
+    bad = 0
+    for k, (t, m) in enumerate(zip(sched.timesteps, DATA["outputs"])):
+        if k in starts:                # each step from the target's own state in the recorded run, as the check
+            x = torch.tensor(starts[k], dtype=torch.float64).to(dtype)
+        if hasattr(sched, "scale_model_input"):
+            sched.scale_model_input(x, t)
+        kw = dict(DATA["step_kwargs"], **({{"generator": gen}} if DATA["generator"] else {{}}))
+        out = sched.step(torch.tensor(m, dtype=torch.float64).to(dtype), t, x, **kw)
+        x = (out.prev_sample if hasattr(out, "prev_sample") else out[0]).to(dtype)
+        if k + 1 in refs:
+            ref, bound = refs[k + 1]
+            err = np.abs(x.double().numpy() - ref)
+            ratio = float(np.max(err / (bound + 1e-300)))
+            flag = "  <-- beyond the rounding bound" if ratio > 1 or not np.all(np.isfinite(x.double().numpy())) else ""
+            print(f"after call {{k + 1}} (t = {{float(t):g}}): max |target - reference| = {{err.max():.3e}}, "
+                  f"{{ratio:.3g}} x the bound{{flag}}")
+            bad += bool(flag)
+    print("reproduced" if bad else "not reproduced")
     return 1 if bad else 0
 
 
@@ -163,14 +246,19 @@ def write_reproducers(doc: dict, out_dir) -> list:
     for k, c in enumerate(doc["cases"]):
         pay = c.get("reproducer")
         unexplained = [f for f in c.get("findings", []) if not f.get("explained")]
-        if not pay or not unexplained or pay.get("kind") != "kfunction":
+        if not pay or not unexplained or pay.get("kind") not in ("kfunction", "diffusers"):
             continue
         name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(c["scheduler"]))
         path = out / f"repro_{k:03d}_{name}.py"
         f = unexplained[0]
-        text = _KFUNCTION.format(title=f"{c['scheduler']} [{c.get('variant', '')}], {c.get('steps')} steps",
-                                 summary=f"[{f['kind']}] {f['summary']}", target=c["scheduler"],
-                                 data=json.dumps(pay), loader=_LOADER)
+        title = f"{c['scheduler']} [{c.get('variant', '')}], {c.get('steps')} steps"
+        if pay["kind"] == "kfunction":
+            text = _KFUNCTION.format(title=title, summary=f"[{f['kind']}] {f['summary']}", target=c["scheduler"],
+                                     data=json.dumps(pay), loader=_LOADER)
+        else:
+            bits = {"float32": 32, "float16": 16, "bfloat16": 16}.get(pay["dtype"], 32)
+            text = _DIFFUSERS.format(title=title, summary=f"[{f['kind']}] {f['summary']}", target=c["scheduler"],
+                                     bits=bits, data=json.dumps(pay))
         write_text(path, text)
         os.chmod(path, 0o755)
         paths.append(path)
