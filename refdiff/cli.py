@@ -197,7 +197,7 @@ def _list_schedulers() -> int:
     except ImportError as exc:
         print(f"refdiff check --list: diffusers is not installed: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from .check.diffusers_schedulers import scheduler_listing
+    from .check.targets.diffusers import scheduler_listing
 
     rows = scheduler_listing(diffusers)
     print(f"diffusers {diffusers.__version__}: {sum(r[1] == 'mapped' for r in rows)} of {len(rows)} schedulers "

@@ -223,7 +223,7 @@ def _pipeline_cases(store: dict):
 def _kernel_cases():
     """Kernel equivalence (interpreter on CPU, native on a GPU) by the error rule."""
     try:
-        from .check.kernels_check import kernel_cases
+        from .check.targets.kernels import kernel_cases
 
         results, backend = kernel_cases()
     except Exception as exc:                       # torch / triton absent

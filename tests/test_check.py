@@ -9,7 +9,7 @@ pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from refdiff import cli  # noqa: E402
-from refdiff.check import diffusers_schedulers as DS  # noqa: E402
+from refdiff.check.targets import diffusers as DS  # noqa: E402
 from refdiff.check.runner import run_check  # noqa: E402
 
 CONFIG = dict(beta_schedule="scaled_linear", prediction_type="epsilon", dtype="float32")

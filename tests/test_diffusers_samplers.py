@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from refdiff.check import diffusers_schedulers as DS  # noqa: E402
+from refdiff.check.targets import diffusers as DS  # noqa: E402
 
 SD = dict(beta_schedule="scaled_linear", prediction_type="epsilon", dtype="float32")
 

@@ -10,7 +10,7 @@ so the same paper-form code runs on ``Bounded`` values: the result carries the r
 float32 error of the paper's formula, |fp32 - exact| <= u e (to first order). An implementation that associates the
 same terms differently, or forms its coefficients in float32 from a few operations, stays within a small multiple
 of it; implementations whose coefficients cancel (1 - alpha_bar_t / alpha_bar_s) add their own terms (see
-``diffusers_schedulers``).
+``refdiff.check.targets.diffusers``).
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def findings_by_kind(cases) -> dict:
 
 def resolve(target: str):
     """[(adapter instance, constructor)] for a target string; UsageError with the protocol report otherwise."""
-    from . import diffusers_schedulers as DS
+    from .targets import diffusers as DS
     from . import targets as T
 
     if target.split(":", 1)[0] == "diffusers-pipeline":
@@ -185,7 +185,7 @@ def resolve(target: str):
 
 def protocol_target(obj, target: str):
     """A scheduler factory (or scheduler) of the step protocol as a target; UsageError naming what is missing."""
-    from . import diffusers_schedulers as DS
+    from .targets.protocol import ProtocolAdapter
 
     probe_config = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=8.5e-4, beta_end=1.2e-2,
                         prediction_type="epsilon", timestep_spacing="trailing")
@@ -204,14 +204,14 @@ def protocol_target(obj, target: str):
     if missing:
         raise UsageError(f"{target} does not follow the scheduler protocol: found {found}, missing {missing}")
     try:
-        return DS.ProtocolAdapter(obj, target)
+        return ProtocolAdapter(obj, target)
     except ValueError as exc:
         raise UsageError(f"{target}: {exc}") from None
 
 
 def _kernel_check() -> dict:
     from .._env import env_info
-    from .kernels_check import kernel_cases
+    from .targets.kernels import kernel_cases
 
     try:
         results, backend = kernel_cases()
@@ -253,14 +253,14 @@ def run_check(target: str, quick: bool = False, progress=None, on_total=None, se
 
 
 def _plan(adapters, quick):
-    from . import diffusers_schedulers as DS
+    from .targets import diffusers as DS
 
     return [(a, config) for a in adapters
             for config in (a.cases(quick) if hasattr(a, "cases") else DS.default_cases(a, quick))]
 
 
 def _run_one(adapter, config, seed, case_timeout):
-    from . import diffusers_schedulers as DS
+    from .targets import diffusers as DS
 
     run = adapter.run_case if hasattr(adapter, "run_case") else (
         lambda config, seed: DS.run_case(adapter, config, seed=seed))
@@ -292,7 +292,7 @@ def run_targets(adapters, target: str, quick: bool = False, progress=None, on_to
     the per-case guards; the report document of run_check, labelled ``target``. ``jobs`` > 1 needs a target
     string that each worker process can resolve."""
     from .._env import env_info
-    from . import diffusers_schedulers as DS
+    from .targets import diffusers as DS
 
     _check_seed(seed)
     plan = _plan(adapters, quick)
@@ -389,7 +389,7 @@ def rerun_case(target: str, path) -> dict:
 
     The file is read with allow_pickle=False: a case file holds arrays and strings only, and a crafted object
     array (a pickle) must not execute. Anything else in it is a usage error with one line."""
-    from . import diffusers_schedulers as DS
+    from .targets import diffusers as DS
 
     try:
         with np.load(path, allow_pickle=False) as f:

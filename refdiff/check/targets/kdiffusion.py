@@ -205,7 +205,7 @@ class OracleDenoiser:
     """The check's oracle as a k-diffusion denoiser, recording every call into ``trace``."""
 
     def __init__(self, trace: Trace, torch):
-        from ..diffusers_schedulers import ORACLE
+        from .diffusers import ORACLE
 
         self.trace, self.torch, self.data = trace, torch, ORACLE
         self.n_states = 0

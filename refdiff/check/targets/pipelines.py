@@ -59,7 +59,7 @@ class OracleBackbone:
     def __init__(self, kind: str, channels: int, table=None, flow: bool = False, prediction: str = "epsilon"):
         import torch
 
-        from ..diffusers_schedulers import ORACLE
+        from .diffusers import ORACLE
 
         self.torch, self.kind, self.data, self.flow, self.prediction = torch, kind, ORACLE, flow, prediction
         self.table = None if table is None else np.asarray(table, dtype=np.float64)   # alphas_cumprod
@@ -275,7 +275,7 @@ class PipelineTarget:
     def run_case(self, config: dict, seed: int = 0, x_T=None) -> dict:
         import torch
 
-        from .. import diffusers_schedulers as DS
+        from . import diffusers as DS
 
         sched = self._scheduler(config)
         adapter = DS.SCHEDULERS[config["scheduler_class"]](__import__("diffusers"))

@@ -1,0 +1,1117 @@
+"""How each diffusers scheduler maps onto a refdiff sampler (adapters), and the grid of configurations to check.
+
+Each case: a scheduler configuration (beta schedule, timestep spacing, step count, prediction type, sample dtype),
+an oracle (Gaussian mixture) as the model, the same noise (diffusers' torch.Generator draws or its Brownian tree,
+replayed for the reference). refdiff.check.replay runs the two side by side and states the rule.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import replace
+
+import numpy as np
+
+from ... import schedules as S
+from ...convergence import oracle_model
+from ...grids import flow_sigmas
+from ...oracles import ConsistencyOracle, GaussianData, GaussianMixture
+from ...samplers import (CMMultistep, Churn, DDIM, DDPM, DEIS, DPM2, DPM2Ancestral, DPMSolverPP, DPMSolverPPSDE,
+                         DPMSolverPPSinglestep, Euler, EulerAncestral, FlowHeun, Grid, Heun, LCM, LMS, Level,
+                         SDEDPMSolverPP2M, TCD, UniPC, model_coeffs)
+from ...samplers.base import State
+from ...samplers.consistency import boundary_scalings
+from .. import tables as TB
+from ..findings import Finding
+from ..replay import R, Hypothesis, run_case
+from ..rounding import exact
+
+__all__ = ["SCHEDULERS", "UNMAPPED", "R", "run_case", "default_cases", "ProtocolAdapter", "PROTOCOL_SAMPLERS",
+           "NOT_MAPPED_REASONS", "scheduler_listing"]
+
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow": "flow"}   # diffusers' -> refdiff's
+BETAS = {"linear": dict(beta_start=1e-4, beta_end=2e-2), "scaled_linear": dict(beta_start=8.5e-4, beta_end=1.2e-2),
+         "squaredcos_cap_v2": {},
+         # Lin et al. 2024: scaled_linear rescaled to alpha_bar_T = 0 (only v / x0 prediction is defined there)
+         "zero_snr": dict(beta_schedule="scaled_linear", beta_start=8.5e-4, beta_end=1.2e-2,
+                          rescale_betas_zero_snr=True)}
+DTYPES = ("float32", "float16", "bfloat16")
+# diffusers schedulers named by the check but not run, with the reason (none at present: DPMSolverSDEScheduler needs
+# torchsde, and without it its cases fail with the import error rather than being skipped)
+UNMAPPED: dict = {}
+
+
+def _oracle():
+    rng = np.random.default_rng(0)
+    covs = np.stack([B @ B.T + 0.2 * np.eye(4) for B in rng.standard_normal((3, 4, 4)) * 0.3])
+    return GaussianMixture([0.5, 0.3, 0.2], rng.uniform(-1, 1, (3, 4)), covs)
+
+
+ORACLE = _oracle()
+
+
+def _level(table, t) -> Level:
+    t = int(t)
+    return Level(t, table.alpha(t), table.sigma(t), table.log_snr(t))
+
+
+def _vp_levels(sched):
+    """VP levels at diffusers' own float32 sigmas (sigma_ve; alpha = 1 / sqrt(1 + s^2)), labelled by its timesteps;
+    sigma 0 is the data. Karras / exponential sigmas fall between the table's entries, so the table cannot give them."""
+    sig = sched.sigmas.double().numpy()
+    ts = list(np.asarray(sched.timesteps)) + [-1] * (len(sig) - len(sched.timesteps))
+    out = []
+    for s, t in zip(sig, ts):
+        if s == 0:
+            out.append(Level(-1, 1.0, 0.0, np.inf))
+        else:
+            a = 1.0 / np.sqrt(1.0 + s * s)
+            out.append(Level(t, a, s * a, -2.0 * np.log(s)))
+    return out
+
+
+def _numpy(a) -> np.ndarray:
+    """A torch tensor, list or array as float64 numpy."""
+    if hasattr(a, "detach"):
+        return a.detach().double().cpu().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def _vp_sigma_grid(kw, steps, ref, family, final: str = "zero", karras: str | None = None):
+    """(sigmas, relative bound) of a VP table's sampling grid in VE sigmas, with its final level.
+
+    ref: a tables.RefTable; family: "ddim" / "dpmsolver" (integer timesteps) or "sigma" (fractional linspace,
+    diffusers' Euler-type schedulers); karras: None, "table" (Karras between the whole table's sigmas, DPM-Solver) or
+    "grid" (between the spacing's first and last sigma, Euler-type); final: "zero" or "first" (the table's index 0,
+    DEIS)."""
+    ab, ab_bound = ref.alphas_cumprod, ref.bound
+    T = kw["num_train_timesteps"]
+    spacing, offset = kw.get("timestep_spacing", "linspace"), kw.get("steps_offset", 0)
+    ts = TB.fractional_timesteps(T, steps, spacing, offset) if family == "sigma" else \
+        S.timesteps(T, steps, spacing, offset, family=family)
+    sig, bound = TB.table_sigmas(ab, ts), TB.table_sigma_bound(ab, ab_bound, ts)
+    if karras is not None:
+        ends = np.array([0.0, T - 1.0]) if karras == "table" else np.array([ts[-1], ts[0]])
+        lo, hi = TB.table_sigmas(ab, ends)
+        sig = S.karras_sigmas(steps, lo, hi) if steps > 1 else np.array([hi])
+        bound = np.full(steps, np.max(TB.table_sigma_bound(ab, ab_bound, ends)) + TB.U32)
+    last = 0.0 if final == "zero" else TB.table_sigmas(ab, [0.0])[0]
+    last_bound = 0.0 if final == "zero" else TB.table_sigma_bound(ab, ab_bound, [0.0])[0]
+    return np.append(sig, last), np.append(bound, last_bound)
+
+
+def _dedupe(sigmas):
+    """diffusers' two-stage schedulers list each inner sigma twice: the distinct levels, in order."""
+    sig = np.asarray(sigmas, dtype=np.float64)
+    return np.concatenate([sig[:1], sig[1:][np.diff(sig) != 0]])
+
+
+class _Adapter:
+    """How one diffusers scheduler maps onto a refdiff sampler: construction, grid, model-output reading, noise.
+
+    space "vp": diffusers' sample is the VP x and its model sees it as is; "ve": the sample is x / alpha (sigmas
+    grid) and the model sees x / sqrt(1 + sigma^2) (``scale_model_input``); "flow": x = (1 - s) x0 + s eps.
+    """
+
+    space = "vp"
+    dt_terms = False               # diffusers forms sigma_next - sigma in float32 (Euler-type updates)
+    lambda_terms = False           # diffusers forms lambda = log alpha - log sigma in float32 (exponential integrators)
+    variants = {"": {}}            # label -> scheduler kwargs: each variant is its own set of cases
+    predictions = ("epsilon", "v_prediction", "sample")
+    schedules = tuple(BETAS)
+    spacings = ("leading", "trailing", "linspace")
+
+    def __init__(self, diffusers):
+        self.diffusers = diffusers
+
+    @property
+    def cls(self):
+        return getattr(self.diffusers, self.name)
+
+    def scheduler_config(self, config: dict) -> dict:
+        kw = dict(num_train_timesteps=1000, beta_schedule=config["beta_schedule"],
+                  prediction_type=config["prediction_type"])
+        if config["timestep_spacing"] != "-":
+            kw["timestep_spacing"] = config["timestep_spacing"]
+        kw.update(BETAS[config["beta_schedule"]])
+        if config["timestep_spacing"] == "leading":
+            kw["steps_offset"] = 1
+        kw.update(config.get("scheduler_kwargs", {}))
+        return kw
+
+    def supports(self, config: dict) -> bool:
+        """Whether the scheduler accepts the configuration (zero terminal SNR needs rescale_betas_zero_snr)."""
+        if config["beta_schedule"] == "zero_snr":
+            return "rescale_betas_zero_snr" in inspect.signature(self.cls.__init__).parameters
+        return True
+
+    def make(self, config: dict, variant: str):
+        return self.cls(**config, **self.variants[variant])
+
+    def table(self, sched):
+        return S.DiscreteSchedule.from_alphas_cumprod(sched.alphas_cumprod.double().numpy())
+
+    def grid(self, sched, table):
+        return Grid.from_discrete(table, sched.timesteps.numpy(), final="data")
+
+    def sampler(self, sched, table, grid, variant=""):
+        raise NotImplementedError
+
+    def coeffs(self, prediction: str, level: Level):
+        """(c_x, c_m): diffusers' data prediction x0 = c_x x + c_m m at ``level``, in the reference's space."""
+        return model_coeffs(PREDICTIONS[prediction], level.alpha, level.sigma)
+
+    def model(self, prediction: str):
+        """The oracle as diffusers' model: (x in diffusers' space, level) -> output in diffusers' convention."""
+        exact_vp = oracle_model(ORACLE, PREDICTIONS[prediction])
+        return lambda x, level: exact_vp(x, Level(None, level.alpha, level.sigma, None))
+
+    def x_T_scale(self, sched, grid) -> float:
+        return float(np.asarray(grid.levels[0].sigma))
+
+    def formula_terms(self, ctx, cur: Level, nxt: Level, state: State, extra: dict):
+        """Magnitudes (units of u) the paper form does not see: level differences diffusers forms in float32 that
+        cancel. Euler-type updates x + d (sigma_next - sigma): dt has error u sigma, i.e. u |x - D| per stage."""
+        if not self.dt_terms:
+            return 0.0
+        return sum(np.abs(u.v) + np.abs(u.v - d.v) for u, _, d in ctx.stages)
+
+    def step_starts(self, ts):
+        """The timesteps at which steps start (two-stage schedulers list the inner ones twice by design)."""
+        return ts
+
+    # -- the schedule and the grid the configuration asks for ------------------------------------------------
+    timestep_family = "ddim"       # refdiff.schedules.timesteps' convention for the spacing (ddim or dpmsolver)
+
+    def table_findings(self, sched, config):
+        """'schedule' and 'grid' Findings: the target's alphas_cumprod against the configuration's table, and its
+        timesteps / sigmas against the reference grid for the spacing asked (refdiff.check.tables)."""
+        kw = {"num_train_timesteps": 1000, **self.scheduler_config(config)}
+        betas = TB.reference_betas(kw)
+        ref, out = None, []
+        if betas is not None:
+            ref = TB.RefTable(*betas)
+            if getattr(sched, "alphas_cumprod", None) is not None:
+                target = _numpy(sched.alphas_cumprod)
+                f = TB.compare_alphas_cumprod(target, ref)
+                if f is not None and ref.zero_snr and TB.compare_alphas_cumprod(target, ref.clamped()) is None:
+                    ref = ref.clamped()                   # the grid is then judged on the clamped table
+                    f = Finding("schedule", "alpha_bar_T is clamped to 2^-24 instead of 0 (diffusers' zero-SNR "
+                                            "convention in its sigma-based and DPM-Solver schedulers: the first sigma "
+                                            "is 4096, not inf); every other entry agrees",
+                                explained=True, id="diffusers-zero-snr-clamp",
+                                evidence={"alpha_bar_T": float(target[-1])})
+                if f is not None:
+                    out.append(f)
+        out.extend(f for f in self.grid_findings(sched, config, kw, ref) if f is not None)
+        return out
+
+    def grid_findings(self, sched, config, kw, ref):
+        """Integer timesteps of the spacing asked (``timestep_family``)."""
+        spacing = kw.get("timestep_spacing", "linspace")
+        want = S.timesteps(kw["num_train_timesteps"], config["steps"], spacing, kw.get("steps_offset", 0),
+                           family=self.timestep_family)
+        return [TB.compare_timesteps(_numpy(sched.timesteps), want)]
+
+    def step_kwargs(self, variant: str) -> dict:
+        """Keyword arguments of the target's step() for a variant (e.g. EDM churn)."""
+        return {}
+
+    def model_first(self, variant: str) -> bool:
+        """True when the target's step adds noise after the model call (diffusers' churn): a pipeline evaluates
+        the model at the sample before it, where the reference evaluates it at the churned sample."""
+        return False
+
+    def read_level(self, prediction: str, level: Level, start: Level) -> Level:
+        """The level at which the target converts a model output evaluated at the step's ``start`` into x0 when it
+        applies it at ``level`` (only differs for model_first variants)."""
+        return level
+
+    def sync(self, sched, bstate: State) -> State:
+        """Resynchronise state diffusers keeps beyond the sample (e.g. UniPC's corrected sample)."""
+        return bstate
+
+    def noise_recorder(self, sched, x):
+        """A list that collects the noise diffusers draws from its own sampler (replayed in order for the reference),
+        or None when it draws from the torch.Generator passed to step()."""
+        return None
+
+    def hypotheses(self, sched, table, config, variant):
+        """id -> Hypothesis(label, kind, what): kind "sampler" (an alternative sampler), "pairs" ([(cur, nxt) per
+        step] for a single-stage sampler) or "same-output" (the model output read where the target reads it)."""
+        return {}
+
+    def explain_nonfinite(self, sched, ratios):
+        """A known cause of non-finite outputs, checked directly: an explained 'nonfinite' Finding, or None."""
+        return None
+
+    def explain_exception(self, sched, exc):
+        """A known cause of the target raising mid-run, checked directly: an explained 'exception' Finding, or None."""
+        ts = np.asarray(sched.timesteps)
+        if len(ts) > 1 and ts[0] == ts[1] and hasattr(sched, "index_for_timestep"):
+            start = sched.index_for_timestep(sched.timesteps[0])
+            if start != 0:
+                k = int(np.sum(ts == ts[0]))
+                return Finding("exception", f"duplicate timesteps (diffusers #12771): {k} sigmas round to t = "
+                                            f"{ts[0]:g}; diffusers' index_for_timestep starts the run at the second "
+                                            f"occurrence (index {start}), skipping sigma_0, and steps past the end "
+                                            f"({type(exc).__name__}: {exc})",
+                               explained=True, id="diffusers-12771",
+                               evidence={"duplicates": k, "timestep": float(ts[0]), "start_index": int(start)})
+        return None
+
+
+class _DDIM(_Adapter):
+    name = "DDIMScheduler"
+
+    def make(self, config, variant):
+        return self.cls(**{"set_alpha_to_one": True, **config}, clip_sample=False)
+
+    def sampler(self, sched, table, grid, variant=""):
+        return DDIM(0.0)
+
+    def grid(self, sched, table):
+        # set_alpha_to_one: the last step goes to the data; otherwise to alpha_bar_0 (diffusers' final_alpha_cumprod)
+        final = "data" if sched.config.set_alpha_to_one or sched.timesteps[-1] == 0 else "first"
+        return Grid.from_discrete(table, sched.timesteps.numpy(), final=final)
+
+    def hypotheses(self, sched, table, config, variant):
+        """diffusers #12633 / #11347: step() reads alpha_bar_prev at t - T // N, not at the next grid timestep."""
+        T, n = sched.config.num_train_timesteps, sched.num_inference_steps
+        ts = sched.timesteps.numpy()
+        data = Level(-1, 1.0, 0.0, np.inf)
+        pairs = [(_level(table, t), data if t - T // n < 0 else _level(table, t - T // n)) for t in ts]
+        return {"diffusers-12633": Hypothesis("prev_t = t - T // N (diffusers #12633, #11347)", "pairs", pairs)}
+
+
+class _DDPM(_Adapter):
+    name = "DDPMScheduler"
+
+    def make(self, config, variant):
+        return self.cls(**config, variance_type="fixed_small", clip_sample=False)
+
+    def sampler(self, sched, table, grid, variant=""):
+        return DDPM("fixed_small")
+
+    def formula_terms(self, ctx, cur, nxt, state, extra):
+        """diffusers forms beta = 1 - alpha_bar_t / alpha_bar_s in float32: absolute error u r (r the ratio), relative
+        u r / beta; both the x0 coefficient and the posterior variance are proportional to beta."""
+        if nxt.is_data:
+            return 0.0
+        r = (np.asarray(cur.alpha) / np.asarray(nxt.alpha)) ** 2
+        beta = 1.0 - r
+        D = ctx.evaluated[0].v
+        c_D = np.asarray(nxt.alpha) * beta / np.asarray(cur.sigma) ** 2
+        std = np.sqrt(np.asarray(nxt.sigma) ** 2 / np.asarray(cur.sigma) ** 2 * beta)
+        z = ctx.draws[0] if ctx.draws else 0.0
+        return (np.abs(c_D * D) + std * np.abs(z)) * r / beta
+
+
+class _DPMMultistep(_Adapter):
+    name = "DPMSolverMultistepScheduler"
+    lambda_terms = True
+    variants = {"2M": dict(algorithm_type="dpmsolver++", solver_order=2),
+                "2M Karras": dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+                "3M": dict(algorithm_type="dpmsolver++", solver_order=3),
+                "sde-dpmsolver++": dict(algorithm_type="sde-dpmsolver++", solver_order=2)}
+
+    timestep_family = "dpmsolver"
+
+    def make(self, config, variant):
+        return self.cls(**config, **self.variants[variant], final_sigmas_type="zero")
+
+    def grid(self, sched, table):
+        return Grid(_vp_levels(sched))
+
+    def grid_findings(self, sched, config, kw, ref):
+        karras = bool(sched.config.use_karras_sigmas)
+        out = [] if karras else super().grid_findings(sched, config, kw, ref)
+        if ref is not None:
+            sig, bound = _vp_sigma_grid(kw, config["steps"], ref, "dpmsolver", "zero", "table" if karras else None)
+            out.append(TB.compare_sigmas(_numpy(sched.sigmas), sig, bound))
+        return out
+
+    def sampler(self, sched, table, grid, variant=""):
+        if sched.config.algorithm_type == "sde-dpmsolver++":
+            return SDEDPMSolverPP2M()
+        return DPMSolverPP(sched.config.solver_order)
+
+    def hypotheses(self, sched, table, config, variant):
+        if sched.config.solver_order != 3 or sched.config.algorithm_type != "dpmsolver++":
+            return {}
+        return {"dpmsolver-3m-halved-d2": Hypothesis(
+            "the released DPM-Solver++ 3M update halves the D'' term (local error O(h^3): global order 2)",
+            "sampler", DPMSolverPP(3, halved_d2=True))}
+
+
+class _DPMSinglestep(_Adapter):
+    name = "DPMSolverSinglestepScheduler"
+    lambda_terms = True
+    spacings = ("-",)              # its own timesteps: linspace over the lambda-clipped range
+    timestep_family = "dpmsolver"
+
+    def make(self, config, variant):
+        return self.cls(**config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+
+    def grid_findings(self, sched, config, kw, ref):
+        kw = {**kw, "timestep_spacing": "linspace"}          # no lambda clipping: linspace over the whole table
+        out = super().grid_findings(sched, config, kw, ref)
+        if ref is not None:
+            out.append(TB.compare_sigmas(_numpy(sched.sigmas), *_vp_sigma_grid(kw, config["steps"], ref, "dpmsolver")))
+        return out
+
+    @staticmethod
+    def _plan(sched):
+        """diffusers' order list [1, 2, 1, 2, ..., 1]: a 1 followed by a 2 is one 2S step whose intermediate level
+        is the grid point between; a lone 1 is a first-order step. Returns (start positions, mid positions)."""
+        orders, n = list(sched.order_list), len(sched.timesteps)
+        starts, mids, i = [], [], 0
+        while i < n:
+            pair = orders[i] == 1 and i + 1 < n and orders[i + 1] == 2
+            starts.append(i)
+            mids.append(i + 1 if pair else None)
+            i += 2 if pair else 1
+        return starts, mids
+
+    def grid(self, sched, table):
+        levels = _vp_levels(sched)
+        return Grid([levels[i] for i in self._plan(sched)[0]] + [levels[-1]])
+
+    def sampler(self, sched, table, grid, variant=""):
+        levels = _vp_levels(sched)
+        mids = [None if i is None else levels[i] for i in self._plan(sched)[1]]
+        return DPMSolverPPSinglestep(intermediate=lambda step, cur, nxt: mids[step])
+
+
+class _UniPC(_Adapter):
+    name = "UniPCMultistepScheduler"
+    lambda_terms = True
+    variants = {"bh2": dict(solver_type="bh2"), "bh1": dict(solver_type="bh1")}
+    timestep_family = "dpmsolver"
+
+    def grid_findings(self, sched, config, kw, ref):
+        out = super().grid_findings(sched, config, kw, ref)
+        if ref is not None:
+            out.append(TB.compare_sigmas(_numpy(sched.sigmas), *_vp_sigma_grid(kw, config["steps"], ref, "dpmsolver")))
+        return out
+
+    def make(self, config, variant):
+        return self.cls(**config, **self.variants[variant], solver_order=2, predict_x0=True, final_sigmas_type="zero")
+
+    def sampler(self, sched, table, grid, variant=""):
+        return UniPC(2, sched.config.solver_type)
+
+    def explain_nonfinite(self, sched, ratios):
+        """bh1 takes B(h) = -h; on the step into sigma = 0 (final_sigmas_type "zero", the default) h = inf, and the
+        first-order predictor forms alpha_t B(h) * pred_res with pred_res = 0: -inf * 0 = NaN. Checked: bh1, a final
+        sigma of 0, every earlier step finite, B(h) at the last step -inf in float32."""
+        import torch
+
+        sig = sched.sigmas.to(torch.float32)
+        finite_before = all(np.isfinite(r) for r in ratios[:-1])
+        if sched.config.solver_type != "bh1" or float(sig[-1]) != 0.0 or not finite_before:
+            return None
+        alpha_t, sigma_t = sched._sigma_to_alpha_sigma_t(sig[-1])
+        alpha_s, sigma_s = sched._sigma_to_alpha_sigma_t(sig[-2])
+        h = (torch.log(alpha_t) - torch.log(sigma_t)) - (torch.log(alpha_s) - torch.log(sigma_s))
+        if torch.isinf(h) and torch.isnan(-h * 0.0):
+            return Finding("nonfinite", "UniPC bh1 with final_sigmas_type='zero': on the last step B(h) = -h = -inf "
+                                        "and the first-order predictor's alpha_t B(h) * 0 is NaN (every earlier step "
+                                        "agrees)", explained=True, id="diffusers-unipc-bh1-final-nan",
+                           evidence={"step": len(ratios) - 1})
+        return None
+
+    def grid(self, sched, table):
+        return Grid(_vp_levels(sched))
+
+    def sync(self, sched, bstate):
+        """diffusers corrects from its stored float32 last_sample, not from the sample it returned: use it."""
+        if bstate.step > 0 and getattr(sched, "last_sample", None) is not None:
+            return replace(bstate, extra={**bstate.extra, "x_corrected": exact(sched.last_sample.double().numpy())})
+        return bstate
+
+
+class _DEIS(_Adapter):
+    name = "DEISMultistepScheduler"
+    lambda_terms = True
+    variants = {"order 2": dict(solver_order=2), "order 3": dict(solver_order=3)}
+    timestep_family = "dpmsolver"
+
+    def grid_findings(self, sched, config, kw, ref):
+        out = super().grid_findings(sched, config, kw, ref)
+        if ref is not None:                 # DEIS ends at the table's first level, not at the data
+            sig, bound = _vp_sigma_grid(kw, config["steps"], ref, "dpmsolver", final="first")
+            out.append(TB.compare_sigmas(_numpy(sched.sigmas), sig, bound))
+        return out
+
+    def grid(self, sched, table):
+        # diffusers ends at sigma_last = sqrt((1 - alpha_bar_0) / alpha_bar_0), the table's index 0
+        return Grid(_vp_levels(sched))
+
+    def sampler(self, sched, table, grid, variant=""):
+        return DEIS(sched.config.solver_order)
+
+    def formula_terms(self, ctx, cur, nxt, state, extra):
+        """diffusers forms the DEIS coefficients A_j(log rho_t) - A_j(log rho_s) in float32: the polynomial numerator
+        of each A_j sums terms up to (sum |log rho| + 2)^(k-1) over the product of node differences, and the two
+        values of A_j then cancel. (The float32 error of the log rho nodes themselves is the lambda_terms part.)"""
+        k = extra["order"]
+        nodes = [np.log(np.asarray(cur.sigma_ve))] + list(state.extra.get("log_rho", ())[:k - 1])
+        eps = [extra["eps"][0]] + list(state.extra.get("eps", ())[:k - 1])
+        with np.errstate(divide="ignore"):
+            ends = [np.log(np.asarray(nxt.sigma_ve)), nodes[0]]
+        total = 0.0
+        for end in ends:
+            if np.isneginf(end):
+                continue
+            mags = sum(np.abs(n) for n in nodes) + np.abs(end) + 2.0
+            for j in range(k):
+                den = np.prod([nodes[j] - nodes[m] for m in range(k) if m != j])
+                err = np.exp(end) * mags ** (k - 1) / np.abs(den)
+                total = total + np.asarray(nxt.alpha) * np.abs(eps[j].v) * err
+        return total
+
+
+class _VE(_Adapter):
+    """diffusers' sigma-space schedulers: sample x / alpha, model input x / sqrt(1 + sigma^2)."""
+
+    space = "ve"
+    dt_terms = True
+
+    def grid(self, sched, table):
+        return Grid.from_sigmas(_dedupe(sched.sigmas.double().numpy()))
+
+    def grid_findings(self, sched, config, kw, ref):
+        """The step levels (two-stage schedulers list inner sigmas twice: compared once) of the spacing asked."""
+        if ref is None:
+            return []
+        karras = "grid" if getattr(sched.config, "use_karras_sigmas", False) else None
+        sig, bound = _vp_sigma_grid(kw, config["steps"], ref, "sigma", "zero", karras)
+        return [TB.compare_sigmas(_dedupe(_numpy(sched.sigmas)), sig, bound)]
+
+    def coeffs(self, prediction, level):
+        """diffusers' models predict the VP v = alpha eps - sigma_vp x0; on the VE grid (alpha = 1) refdiff's v is
+        eps - sigma_ve x0 = v_vp / alpha, alpha = 1 / sqrt(1 + sigma_ve^2). eps and x0 are the same in both."""
+        c_x, c_m = model_coeffs(PREDICTIONS[prediction], level.alpha, level.sigma)
+        if prediction == "v_prediction":
+            c_m = c_m * np.sqrt(1.0 + np.asarray(level.sigma, dtype=np.float64) ** 2)
+        return c_x, c_m
+
+    def model(self, prediction):
+        vp = super().model(prediction)
+
+        def ve(x, level):
+            a = 1.0 / np.sqrt(1.0 + np.asarray(level.sigma) ** 2)
+            return vp(x * a, Level(None, a, np.asarray(level.sigma) * a, None))
+        return ve
+
+    def x_T_scale(self, sched, grid):
+        return float(sched.init_noise_sigma)
+
+
+class _Churned:
+    """EDM's stochastic Euler (Karras et al. 2022, Alg. 2 with S_churn, S_tmin, S_tmax): diffusers takes the churn as
+    step() arguments and adds the noise inside step(), after the model was evaluated at the un-churned sample."""
+
+    CHURN = dict(s_churn=40.0, s_tmin=0.05, s_tmax=50.0)
+
+    def step_kwargs(self, variant):
+        return dict(self.CHURN) if variant == "churn" else {}
+
+    def model_first(self, variant):
+        return variant == "churn"
+
+    def sampler(self, sched, table, grid, variant=""):
+        return Euler(Churn(self.CHURN["s_churn"], self.CHURN["s_tmin"], self.CHURN["s_tmax"])) if variant == "churn" \
+            else Euler()
+
+    def hypotheses(self, sched, table, config, variant):
+        if variant != "churn":
+            return {}
+        return {"diffusers-churn-after-model": Hypothesis(
+            "the model is evaluated before the churn, at (x, sigma), and its output applied at x_hat (diffusers' "
+            "step adds the churn noise after the model call; EDM Alg. 2 evaluates at x_hat, sigma_hat)",
+            "same-output", None)}
+
+
+class _Euler(_Churned, _VE):
+    name = "EulerDiscreteScheduler"
+    variants = {"": {}, "Karras": dict(use_karras_sigmas=True), "churn": {}}
+
+    def read_level(self, prediction, level, start):
+        """diffusers' Euler converts eps with sigma_hat (x_hat - sigma_hat m) but v with the un-churned sigma
+        (c_skip(sigma) x_hat + c_out(sigma) m)."""
+        return start if prediction == "v_prediction" else level
+
+
+class _EulerA(_VE):
+    name = "EulerAncestralDiscreteScheduler"
+    predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
+
+    def sampler(self, sched, table, grid, variant=""):
+        return EulerAncestral()
+
+    def explain_nonfinite(self, sched, ratios):
+        """diffusers #14213: sigma_up^2 = sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2 rounded in float32 can
+        exceed sigma_to^2 when sigma_from is huge (squaredcos_cap_v2: sigma ~ 2e4), so sigma_down = sqrt(negative)."""
+        import torch
+
+        sig = sched.sigmas.to(torch.float32)
+        for i in range(len(sig) - 1):
+            frm, to = sig[i], sig[i + 1]
+            up = (to ** 2 * (frm ** 2 - to ** 2) / frm ** 2) ** 0.5
+            if torch.isnan((to ** 2 - up ** 2) ** 0.5):
+                return Finding("nonfinite", f"diffusers #14213: at step {i} (sigma {float(frm):.6g} -> "
+                                            f"{float(to):.6g}) float32 sigma_up^2 exceeds sigma_to^2, sigma_down = "
+                                            "sqrt(negative) = NaN", explained=True, id="diffusers-14213",
+                               evidence={"step": i, "sigma_from": float(frm), "sigma_to": float(to)})
+        return None
+
+
+class _Heun(_VE):
+    name = "HeunDiscreteScheduler"
+
+    def step_starts(self, ts):
+        return ts[::2]
+
+    def sampler(self, sched, table, grid, variant=""):
+        return Heun()
+
+
+class _KDPM2(_VE):
+    name = "KDPM2DiscreteScheduler"
+    predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
+
+    def sampler(self, sched, table, grid, variant=""):
+        return DPM2()
+
+
+class _Float32Ancestral(DPM2Ancestral):
+    """DPM-2 ancestral with the step's sigma_up, sigma_down and sigma_mid as diffusers' set_timesteps forms them in
+    float32 (a hypothesis of the check, not a sampler to use)."""
+
+    def __init__(self, sched):
+        import torch
+
+        super().__init__()
+        sig = torch.tensor(_dedupe(sched.sigmas.double().numpy()), dtype=torch.float32)
+        nxt = torch.cat([sig[1:], sig.new_zeros(1)])
+        up = (nxt ** 2 * (sig ** 2 - nxt ** 2) / sig ** 2) ** 0.5
+        down = (nxt ** 2 - up ** 2) ** 0.5
+        mid = sig.log().lerp(down.log(), 0.5).exp()
+        self.table = {float(a): (float(u), float(d), float(m)) for a, u, d, m in zip(sig, up, down, mid)}
+        self.name = "DPM2Ancestral(float32 sigma_down)"
+
+    def step(self, ctx, cur, nxt, state):
+        from ...samplers.karras import _from_ve, _ve
+
+        x = _ve(ctx.x, cur)
+        s = float(np.mean(cur.sigma_ve))
+        D = ctx.denoise(ctx.x, cur)
+        if nxt.is_data:
+            return _from_ve(D, nxt), {"order": 1}
+        up, down, s_mid = self.table[s]
+        d = (x - D) / s
+        mid = self._down_level(ctx, s_mid)
+        x2 = x + d * (s_mid - s)
+        d2 = (x2 - ctx.denoise(_from_ve(x2, mid), mid)) / s_mid
+        x = x + d2 * (down - s) + ctx.noise() * up
+        return _from_ve(x, nxt), {"order": 2}
+
+
+class _KDPM2A(_VE):
+    """DPM-2 ancestral (k-diffusion sample_dpm_2_ancestral): DPM-2 to sigma_down, then noise of scale sigma_up drawn
+    with the step's generator."""
+
+    name = "KDPM2AncestralDiscreteScheduler"
+    predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
+
+    def step_starts(self, ts):
+        """Two calls per step; at eta = 1 the midpoint sqrt(sigma sigma_down) is sigma_next itself, so the second
+        call's timestep repeats the next step's start by design."""
+        return ts[::2]
+
+    def sampler(self, sched, table, grid, variant=""):
+        return DPM2Ancestral()
+
+    def formula_terms(self, ctx, cur, nxt, state, extra):
+        """diffusers forms sigma_down = sqrt(sigma_next^2 - sigma_up^2) in float32 (set_timesteps): a difference that
+        cancels when sigma_up ~ sigma_next, relative error kappa u with kappa = (sigma_next / sigma_down)^2; the
+        step moves by d_2 (sigma_down - sigma) and evaluates at sigma_mid = sqrt(sigma sigma_down) (half of it).
+        Plus the Euler-type |x - D| per stage (dt_terms)."""
+        base = sum(np.abs(u.v) + np.abs(u.v - d.v) for u, _, d in ctx.stages)
+        if nxt.is_data or len(ctx.stages) < 2:
+            return base
+        s, sn = float(np.mean(cur.sigma_ve)), float(np.mean(nxt.sigma_ve))
+        down2 = sn ** 2 - sn ** 2 * (s ** 2 - sn ** 2) / s ** 2
+        if not down2 > 0:
+            return base
+        kappa = sn ** 2 / down2
+        (x1, _, d1), (x2, lv2, d2) = ctx.stages[0], ctx.stages[1]
+        s_mid = float(np.mean(lv2.sigma_ve))
+        return base + kappa * (np.abs(x2.v - d2.v) / s_mid * np.sqrt(down2) + 0.5 * np.abs(x1.v - d1.v) / s * s_mid)
+
+    def hypotheses(self, sched, table, config, variant):
+        return {"diffusers-kdpm2a-cancelling-sigma-down": Hypothesis(
+            "diffusers' float32 sigma_down = sqrt(sigma_next^2 - sigma_up^2), which cancels for sigma >> sigma_next "
+            "(relative error (sigma / sigma_next)^2 u; exactly sigma_next^2 / sigma at eta = 1), and its float32 "
+            "sigma_interpol", "sampler", _Float32Ancestral(sched))}
+
+    def explain_nonfinite(self, sched, ratios):
+        """In set_timesteps, float32 sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 rounds to
+        sigma_next^2 or above when sigma >> sigma_next (2-3 steps, or squaredcos_cap_v2's sigma ~ 2e4): sigma_down
+        = sqrt(<= 0) is 0 or NaN, sigma_interpol = exp(lerp(log sigma, log sigma_down, 0.5)) is NaN (torch's lerp
+        at weight 0.5 computes end - (end - start) / 2 = -inf + inf), and so is the timestep the model is given."""
+        import torch
+
+        interp = sched.sigmas_interpol.to(torch.float32)
+        nan_steps = torch.nonzero(torch.isnan(interp)).flatten().tolist()
+        if not nan_steps:
+            return None
+        k = nan_steps[0]
+        return Finding("nonfinite", f"sigmas_interpol[{k}] is NaN: float32 sigma_down = sqrt(sigma_next^2 - sigma_up^2) "
+                                    f"is 0 or NaN for sigma {float(sched.sigmas[k]):.6g} -> "
+                                    f"{float(sched.sigmas[k + 1]):.6g}, and the log-lerp to it gives NaN (the "
+                                    "mechanism of diffusers #14213, in KDPM2AncestralDiscreteScheduler.set_timesteps)",
+                       explained=True, id="diffusers-kdpm2a-sigma-down-nan",
+                       evidence={"index": k, "sigma": float(sched.sigmas[k]), "sigma_next": float(sched.sigmas[k + 1]),
+                                 "timesteps_nan": int(torch.isnan(torch.as_tensor(sched.timesteps)).sum())})
+
+
+class _DPMSDE(_VE):
+    """k-diffusion's DPM-Solver++ SDE (eta = 1, r = 1/2) with noise from a torchsde Brownian tree: the check installs
+    diffusers' own noise sampler, seeded, and records what each step draws for the reference."""
+
+    name = "DPMSolverSDEScheduler"
+    predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
+    variants = {"": {}, "Karras": dict(use_karras_sigmas=True)}
+    lambda_terms = True            # t = -log sigma and back in float32 (log sigma = -lambda)
+
+    def make(self, config, variant):
+        return self.cls(**config, **self.variants[variant], noise_sampler_seed=0)
+
+    def sampler(self, sched, table, grid, variant=""):
+        return DPMSolverPPSDE(eta=1.0, r=0.5)
+
+    def noise_recorder(self, sched, x):
+        from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+        sig = sched.sigmas
+        tree = BrownianTreeNoiseSampler(x, sig[sig > 0].min().item(), sig.max().item(), sched.config.noise_sampler_seed)
+        drawn = []
+
+        def recorded(sigma, sigma_next):
+            with warnings.catch_warnings():     # torchsde notes float32 query points a rounding outside its interval
+                warnings.simplefilter("ignore")
+                z = tree(sigma, sigma_next)
+            drawn.append(z.double().numpy())
+            return z
+        sched.noise_sampler = recorded
+        return drawn
+
+
+class _LMS(_VE):
+    name = "LMSDiscreteScheduler"
+    dt_terms = False               # coefficients by quadrature in float64 from the float32 sigmas
+
+    def sampler(self, sched, table, grid, variant=""):
+        return LMS(4)
+
+
+class _EDMEuler(_Churned, _VE):
+    """EDM (Karras et al. 2022): the model is F with D = c_skip x + c_out F and input c_in x; no beta table."""
+
+    name = "EDMEulerScheduler"
+    variants = {"": {}, "churn": {}}
+    predictions = ("epsilon", "v_prediction")
+    schedules = ("karras", "exponential")
+    spacings = ("-",)
+
+    def scheduler_config(self, config):
+        return dict(sigma_schedule=config["beta_schedule"], prediction_type=config["prediction_type"])
+
+    def supports(self, config):
+        return True
+
+    def table(self, sched):
+        return None
+
+    def grid(self, sched, table):
+        return Grid.from_sigmas(sched.sigmas.double().numpy())
+
+    # EDM's default sigma range (Karras et al. 2022, Table 1) and rho; diffusers forms the ramp in float32 and raises
+    # to the power rho, which multiplies the base's relative rounding (~4 u) by rho
+    EDM_RANGE = (0.002, 80.0, 7.0)
+
+    def grid_findings(self, sched, config, kw, ref):
+        lo, hi, rho = self.EDM_RANGE
+        n = config["steps"]
+        if config["beta_schedule"] == "karras":
+            sig, rel = S.karras_sigmas(n, lo, hi, rho), (4.0 * rho + 1.0) * TB.U32
+        else:
+            sig, rel = S.exponential_sigmas(n, lo, hi), 4.0 * np.log(hi / lo) * TB.U32 + TB.U32
+        target = _numpy(sched.sigmas)
+        f = TB.compare_sigmas(target, np.append(sig, 0.0), np.append(np.full(n, rel), 0.0))
+        if f is not None and n == 1 and config["beta_schedule"] == "exponential" and \
+                abs(target[0] - lo) <= rel * lo:
+            f = Finding("grid", f"one exponential step starts at sigma_min = {lo:g}, not sigma_max = {hi:g}: "
+                                "torch.linspace(log sigma_min, log sigma_max, 1) is [log sigma_min], then flipped "
+                                "(k-diffusion's get_sigmas_exponential gives sigma_max); the one step barely denoises",
+                        explained=True, id="diffusers-edm-exponential-one-step",
+                        evidence={"target_sigma_0": float(target[0]), "reference_sigma_0": hi})
+        return [f]
+
+    def _skip_out(self, sigma, prediction):
+        sd = 0.5                      # diffusers' default sigma_data
+        s = np.asarray(sigma, dtype=np.float64)
+        c_out = s * sd / np.sqrt(s * s + sd * sd)
+        return sd * sd / (s * s + sd * sd), (c_out if prediction == "epsilon" else -c_out)
+
+    def coeffs(self, prediction, level):
+        return self._skip_out(level.sigma, prediction)
+
+    def model(self, prediction):
+        def F(x, level):
+            c_skip, c_out = self._skip_out(level.sigma, prediction)
+            return (ORACLE.denoise(x, 1.0, float(np.asarray(level.sigma))) - c_skip * x) / c_out
+        return F
+
+
+class _EDMDPM(_EDMEuler):
+    """DPM-Solver++ (multistep, data prediction) on EDM's sigmas with EDM's preconditioning (diffusers
+    EDMDPMSolverMultistepScheduler): lambda = -log sigma formed in float32."""
+
+    name = "EDMDPMSolverMultistepScheduler"
+    variants = {"2M": dict(solver_order=2), "3M": dict(solver_order=3)}
+    lambda_terms = True
+    dt_terms = False
+
+    def step_kwargs(self, variant):
+        return {}
+
+    def model_first(self, variant):
+        return False
+
+    def make(self, config, variant):
+        return self.cls(**config, **self.variants[variant])
+
+    def sampler(self, sched, table, grid, variant=""):
+        return DPMSolverPP(3 if variant == "3M" else 2)
+
+    def hypotheses(self, sched, table, config, variant):
+        if variant != "3M":
+            return {}
+        return {"dpmsolver-3m-halved-d2": Hypothesis(
+            "the released DPM-Solver++ 3M update halves the D'' term (local error O(h^3): global order 2)",
+            "sampler", DPMSolverPP(3, halved_d2=True))}
+
+
+class _FlowMatchEuler(_Adapter):
+    """Rectified flow x = (1 - s) x0 + s eps, model v = eps - x0: Euler in s is DDIM on the flow levels."""
+
+    name = "FlowMatchEulerDiscreteScheduler"
+    space = "flow"
+    dt_terms = True
+    predictions = ("flow",)
+    schedules = ("shift 1", "shift 3")
+    spacings = ("-",)
+
+    def scheduler_config(self, config):
+        return dict(shift=float(config["beta_schedule"].split()[1]))
+
+    def supports(self, config):
+        return True
+
+    def table(self, sched):
+        return None
+
+    def grid_findings(self, sched, config, kw, ref):
+        """SD3 / Flux grids (refdiff.grids.flow_sigmas): a linspace in time, shifted; computed in float64 from a
+        float32 table entry and cast once (a few u)."""
+        n = config["steps"]
+        want = flow_sigmas(n, shift=float(config["beta_schedule"].split()[1]))
+        return [TB.compare_sigmas(_numpy(sched.sigmas), want, np.append(np.full(n, 4.0 * TB.U32), 0.0))]
+
+    def grid(self, sched, table):
+        s = sched.sigmas.double().numpy()
+        with np.errstate(divide="ignore"):
+            return Grid(Level(v, 1.0 - v, v, 2.0 * (np.log1p(-v) - np.log(v))) for v in s)
+
+    def sampler(self, sched, table, grid, variant=""):
+        return DDIM(0.0)
+
+
+class _FlowMatchHeun(_FlowMatchEuler):
+    """Heun on the flow ODE in t (refdiff.samplers.FlowHeun): two calls per step, Euler into t = 0."""
+
+    name = "FlowMatchHeunDiscreteScheduler"
+
+    def step_starts(self, ts):
+        return ts[::2]
+
+    def grid(self, sched, table):
+        s = _dedupe(sched.sigmas.double().numpy())
+        with np.errstate(divide="ignore"):
+            return Grid(Level(v, 1.0 - v, v, 2.0 * (np.log1p(-v) - np.log(v))) for v in s)
+
+    def grid_findings(self, sched, config, kw, ref):
+        n = config["steps"]
+        want = flow_sigmas(n, shift=float(config["beta_schedule"].split()[1]))
+        return [TB.compare_sigmas(_dedupe(_numpy(sched.sigmas)), want, np.append(np.full(n, 4.0 * TB.U32), 0.0))]
+
+    def sampler(self, sched, table, grid, variant=""):
+        return FlowHeun()
+
+
+def _gaussian_oracle():
+    """The consistency schedulers' data: one Gaussian (the exact consistency function is closed-form for it)."""
+    rng = np.random.default_rng(1)
+    B = rng.standard_normal((4, 4)) * 0.3
+    return GaussianData(rng.uniform(-1, 1, 4), B @ B.T + 0.2 * np.eye(4))
+
+
+class _LCM(_Adapter):
+    """The Latent Consistency Model's multistep sampler (refdiff.samplers.LCM; boundary c_skip x + c_out F with
+    diffusers' timestep scaling 10), judged with the exact consistency function of a Gaussian as the model
+    (refdiff.oracles.ConsistencyOracle): D = f(x) exactly, then x' = alpha' D + sigma' z with the step's generator."""
+
+    name = "LCMScheduler"
+    spacings = ("-",)             # LCM's own skipping-step timesteps over original_inference_steps = 50
+    predictions = ("epsilon", "v_prediction", "sample")
+    schedules = ("scaled_linear", "linear")
+    ORIGINAL_STEPS = 50
+
+    def supports(self, config):
+        return config["steps"] <= self.ORIGINAL_STEPS
+
+    def make(self, config, variant):
+        return self.cls(**config, original_inference_steps=self.ORIGINAL_STEPS)
+
+    def grid(self, sched, table):
+        return Grid.from_discrete(table, np.asarray(sched.timesteps).astype(np.int64), final="data")
+
+    def grid_findings(self, sched, config, kw, ref):
+        """Luo et al. 2023's skipping-step schedule: the original N' = 50 timesteps (k T / N' - 1), every
+        floor(N' / n)-th from the top, the first n."""
+        T, n = kw["num_train_timesteps"], config["steps"]
+        origin = np.arange(1, self.ORIGINAL_STEPS + 1) * (T // self.ORIGINAL_STEPS) - 1
+        want = origin[::-1][:: len(origin) // n][:n]
+        target = _numpy(sched.timesteps)
+        f = TB.compare_timesteps(target, want)
+        even = origin[::-1][np.floor(np.linspace(0, len(origin), n, endpoint=False)).astype(np.int64)]
+        if f is not None and TB.compare_timesteps(target, even) is None:
+            f = Finding("grid", f"the {n} steps are spread evenly over the {self.ORIGINAL_STEPS} original timesteps "
+                                "(floor of a linspace of indices), not taken with the paper's constant skipping step "
+                                f"floor({self.ORIGINAL_STEPS} / n) (Luo et al. 2023, Sec. 4.3): {target.tolist()} "
+                                f"instead of {want.tolist()}", explained=True, id="diffusers-lcm-even-spacing",
+                        evidence={"target": target.tolist(), "paper": want.tolist()})
+        return [f]
+
+    def sampler(self, sched, table, grid, variant=""):
+        return LCM("lcm")
+
+    def model(self, prediction):
+        oracle = ConsistencyOracle(_gaussian_oracle()).model(PREDICTIONS[prediction],
+                                                              scalings=lambda lv: boundary_scalings("lcm", lv))
+        return lambda x, level: oracle(x, level)
+
+
+class _TCDEndsAtT0(TCD):
+    """TCD whose step into the data stops at the table's t = 0 instead (a hypothesis of the check)."""
+
+    def __init__(self, gamma, first: Level):
+        super().__init__(gamma)
+        self.first = first
+
+    def step(self, ctx, cur, nxt, state):
+        return super().step(ctx, cur, self.first if nxt.is_data else nxt, state)
+
+
+class _TCD(_LCM):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (refdiff.samplers.TCD, gamma = eta =
+    0.3): the model is asked for the trajectory-consistency map to s' = floor((1 - gamma) s) (the exact map of a
+    Gaussian, ConsistencyOracle with a target level), then forward noise from s' back to s."""
+
+    name = "TCDScheduler"
+    GAMMA = 0.3
+
+    def step_kwargs(self, variant):
+        return {"eta": self.GAMMA}
+
+    def sampler(self, sched, table, grid, variant=""):
+        return TCD(self.GAMMA)
+
+    def model(self, prediction):
+        return ConsistencyOracle(_gaussian_oracle()).model(PREDICTIONS[prediction])
+
+    def hypotheses(self, sched, table, config, variant):
+        """diffusers' TCD ends on the table's first entry (t = 0, alpha_bar_0 < 1), not on the data: its last step
+        maps to s' = floor((1 - gamma) 0) = 0 and returns that (still noisy) sample."""
+        return {"diffusers-tcd-ends-at-t0": Hypothesis(
+            "the last step lands on t = 0 (alpha_bar_0 < 1: sigma_0 / alpha_0 ~ 0.03 of noise left) instead of the "
+            "data", "sampler", _TCDEndsAtT0(self.GAMMA, _level(table, 0)))}
+
+
+class _CMLastNoise(CMMultistep):
+    """CM multistep sampling whose last step adds ``residue`` z (a hypothesis of the check)."""
+
+    def __init__(self, residue: float):
+        super().__init__("edm")
+        self.residue = residue
+
+    def step(self, ctx, cur, nxt, state):
+        out, extra = super().step(ctx, cur, nxt, state)
+        if state.step == len(ctx.grid) - 1:
+            out = out + ctx.noise() * self.residue
+        return out, extra
+
+
+class _CM(_Adapter):
+    """Consistency models' multistep sampling (Song et al. 2023, Alg. 1; refdiff.samplers.CMMultistep): D = c_skip x
+    + c_out F with EDM's boundary scalings (sigma_data 0.5, boundary sigma_min 0.002), then D + sqrt(sigma_next^2 -
+    sigma_min^2) z. The model is the exact consistency function of a Gaussian mapping to sigma_min. diffusers'
+    default clip_denoised=True clamps D to [-1, 1] (a data-range assumption, not part of the method): off here."""
+
+    name = "CMStochasticIterativeScheduler"
+    space = "ve"
+    predictions = ("sample",)                 # the network's raw output F
+    schedules = ("karras",)
+    spacings = ("-",)
+    SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+    def scheduler_config(self, config):
+        return dict(sigma_min=self.SIGMA_MIN, sigma_max=self.SIGMA_MAX, rho=self.RHO)
+
+    def supports(self, config):
+        return config["steps"] <= 40          # its num_train_timesteps: the grid picks steps from those 40
+
+    def make(self, config, variant):
+        return self.cls(**config, clip_denoised=False)
+
+    def table(self, sched):
+        return None
+
+    def grid(self, sched, table):
+        return Grid.from_sigmas(sched.sigmas.double().numpy())
+
+    def grid_findings(self, sched, config, kw, ref):
+        return []               # its Karras sigmas over the 40-step training discretization: not judged yet
+
+    def sampler(self, sched, table, grid, variant=""):
+        return CMMultistep("edm")
+
+    def hypotheses(self, sched, table, config, variant):
+        import torch
+
+        # diffusers' last step adds z sqrt(sigma_hat^2 - sigma_min^2) with sigma_hat = float32(sigma_min) and
+        # sigma_min the configuration's Python float: a float32 residue instead of 0
+        s32 = torch.tensor(self.SIGMA_MIN, dtype=torch.float32)
+        residue = float((s32 ** 2 - self.SIGMA_MIN ** 2) ** 0.5)
+        return {"diffusers-cm-last-step-noise": Hypothesis(
+            f"the last step adds z sqrt(float32(sigma_min)^2 - sigma_min^2) = {residue:.3g} z of noise at the boundary "
+            "(float32 sigma_min against the Python float) where the method adds none", "sampler",
+            _CMLastNoise(residue))}
+
+    def coeffs(self, prediction, level):
+        return 0.0, 1.0
+
+    def model(self, prediction):
+        oracle = ConsistencyOracle(_gaussian_oracle(), boundary=(1.0, self.SIGMA_MIN)).model(
+            "x0", scalings=lambda lv: boundary_scalings("edm", lv))
+        return lambda x, level: oracle(x, level)
+
+    def x_T_scale(self, sched, grid):
+        return float(sched.init_noise_sigma)
+
+
+class _DDIMParallel(_DDIM):
+    """DDIMScheduler's batched-timestep variant (ParaDiGMS); its step() is DDIM's, so is its #12633 convention."""
+
+    name = "DDIMParallelScheduler"
+
+
+class _DDPMParallel(_DDPM):
+    """DDPMScheduler's batched-timestep variant (ParaDiGMS); its step() is DDPM's."""
+
+    name = "DDPMParallelScheduler"
+
+
+SCHEDULERS = {a.name: a for a in (_DDIM, _DDPM, _DPMMultistep, _DPMSinglestep, _DPMSDE, _UniPC, _DEIS, _Euler, _EulerA,
+                                  _Heun, _KDPM2, _LMS, _EDMEuler, _FlowMatchEuler, _DDIMParallel, _DDPMParallel,
+                                  _KDPM2A, _FlowMatchHeun, _EDMDPM, _LCM, _TCD, _CM)}
+
+_DISCRETE = "discrete-token (masked / uniform corruption) generation over a vocabulary: no continuous diffusion " \
+            "maths to judge, out of scope"
+# every other scheduler of diffusers 0.42, and why the check does not run it (``refdiff check --list``)
+NOT_MAPPED_REASONS = {
+    "AmusedScheduler": _DISCRETE, "VQDiffusionScheduler": _DISCRETE, "BlockRefinementScheduler": _DISCRETE,
+    "EntropyBoundScheduler": _DISCRETE, "DiscreteDDIMScheduler": _DISCRETE,
+    "UnCLIPScheduler": "deprecated by diffusers (\"do not use\"): DDPMScheduler covers it",
+    "RePaintScheduler": "inpainting resampling loop (jumps back in time inside a mask): not a sampler on a grid",
+    "PNDMScheduler": "not mapped yet: an adapter replaying refdiff.samplers.PNDM agreed on 64 of 172 cases (leading "
+                     "spacing, eps); the rest differ by three diffusers conventions still to be written as "
+                     "hypotheses: with v_prediction the Adams-Bashforth combination is taken over raw v outputs and "
+                     "converted to eps at the current step; steps go to t - T // N (and PLMS's second call from t1 + "
+                     "T // N), as DDIM's #12633, on non-uniform spacings; formula (9) forms alpha_bar_prev - "
+                     "alpha_bar_t in float32",
+    "IPNDMScheduler": "not mapped yet (refdiff.samplers.IPNDM is the k-diffusion form)",
+    "SASolverScheduler": "not mapped yet (refdiff.samplers.SASolver)",
+    "SCMScheduler": "not mapped yet: needs the TrigFlow consistency oracle",
+    "FlowMatchLCMScheduler": "not mapped yet: needs the consistency-function oracle on flow levels",
+    "CosineDPMSolverMultistepScheduler": "not mapped yet (DPM-Solver++ on the cosine schedule in sigma)",
+    "DDIMInverseScheduler": "not mapped yet (refdiff.inversion)",
+    "DPMSolverMultistepInverseScheduler": "not mapped yet (inversion grid)",
+    "CogVideoXDDIMScheduler": "not mapped yet (DDIM with CogVideoX's SNR shift)",
+    "CogVideoXDPMScheduler": "not mapped yet (DPM-Solver with CogVideoX's SNR shift)",
+    "ScoreSdeVeScheduler": "not mapped yet (refdiff.samplers.PredictorCorrector on the VE SDE)",
+    "KarrasVeScheduler": "deprecated stochastic EDM sampler (EDMEulerScheduler with churn is checked)",
+    "DDPMWuerstchenScheduler": "Wuerstchen's own continuous-time cosine parametrization: not mapped yet",
+    "LTXEulerAncestralRFScheduler": "not mapped yet (ancestral Euler on rectified-flow levels)",
+    "MiniMaxH3Scheduler": "not mapped yet (flow Euler with an exponential sigma shift)",
+    "FlowMapEulerDiscreteScheduler": "flow-map models (z_t -> z_r transitions): no oracle in refdiff yet",
+    "PiflowScheduler": "PiFlow's network-free policy between model evaluations: no oracle in refdiff yet",
+    "RFD4ProteinaScheduler": "protein-structure flow sampler with two coupled modalities: out of scope",
+    "HeliosScheduler": "undocumented upstream: not mapped", "HeliosDMDScheduler": "undocumented upstream: not mapped",
+}
+
+
+def scheduler_listing(diffusers) -> list:
+    """(name, "mapped" | "not mapped", reason or variants) for every scheduler class diffusers exports."""
+    names = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("Flax"))
+    out = []
+    for n in names:
+        if n in SCHEDULERS:
+            a = SCHEDULERS[n](diffusers)
+            out.append((n, "mapped", "variants: " + (", ".join(v or "default" for v in a.variants))))
+        else:
+            out.append((n, "not mapped", NOT_MAPPED_REASONS.get(n, "new in this diffusers release: not mapped yet")))
+    return out
+
+
+def default_cases(adapter, quick: bool = False):
+    """The configurations to run for one adapter: every variant over schedules x spacings x steps x predictions in
+    float32 (zero terminal SNR with v prediction only: eps cannot give x0 at alpha = 0), plus a float16 / bfloat16
+    slice. ``quick``: the report's reduced grid."""
+    # quick: the first schedule, plus squaredcos_cap_v2 (sigma_max ~ 2e4) and zero terminal SNR where they apply
+    schedules = tuple(b for b in adapter.schedules if b in (adapter.schedules[0], "squaredcos_cap_v2", "zero_snr")) \
+        if quick else adapter.schedules
+    spacings = adapter.spacings[:2] if quick else adapter.spacings
+    steps = (1, 3, 10) if quick else (1, 2, 3, 10, 25, 50)
+    preds = adapter.predictions[:1] if quick else adapter.predictions
+    out = []
+    for variant in adapter.variants:
+        for b in schedules:
+            # at zero terminal SNR alpha_T = 0: only v (or x0) prediction defines x0 there
+            for p in (("v_prediction",) if "v_prediction" in adapter.predictions else ()) if b == "zero_snr" else preds:
+                out += [dict(variant=variant, beta_schedule=b, timestep_spacing=sp, steps=n, prediction_type=p,
+                             dtype="float32") for sp in spacings for n in steps]
+        spacing = "trailing" if "trailing" in adapter.spacings else adapter.spacings[0]
+        for dt in (DTYPES[1:2] if quick else DTYPES[1:]):
+            out += [dict(variant=variant, beta_schedule=adapter.schedules[0], timestep_spacing=spacing, steps=n,
+                         prediction_type=adapter.predictions[0], dtype=dt) for n in ((10,) if quick else (3, 10, 25))]
+    return [c for c in out if adapter.supports(c)]
+
+
+# the step protocol's target lives in its own plug-in module (it builds on _Adapter); re-exported for the old name
+from .protocol import PROTOCOL_SAMPLERS, ProtocolAdapter  # noqa: E402,F401
