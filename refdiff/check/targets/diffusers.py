@@ -1057,7 +1057,9 @@ NOT_MAPPED_REASONS = {
                      "alpha_bar_t in float32",
     "IPNDMScheduler": "not mapped yet (refdiff.samplers.IPNDM is the k-diffusion form)",
     "SASolverScheduler": "not mapped yet (refdiff.samplers.SASolver)",
-    "SCMScheduler": "not mapped yet: needs the TrigFlow consistency oracle",
+    "SCMScheduler": "not mapped yet: its default max_timesteps 1.5708 lies past pi / 2, so the first TrigFlow level "
+                    "has alpha = cos t = -3.7e-6 < 0, which the exact consistency oracle refuses; and "
+                    "set_timesteps(n) with its default intermediate_timesteps = 1.3 raises for every n != 2",
     "FlowMatchLCMScheduler": "not mapped yet: needs the consistency-function oracle on flow levels",
     "CosineDPMSolverMultistepScheduler": "not mapped yet (DPM-Solver++ on the cosine schedule in sigma)",
     "DDIMInverseScheduler": "not mapped yet (refdiff.inversion)",
