@@ -995,8 +995,17 @@ class _CM(_Adapter):
     def grid(self, sched, table):
         return Grid.from_sigmas(sched.sigmas.double().numpy())
 
+    N_TRAIN = 40                 # the Karras discretization the CM was trained on (diffusers' default)
+
     def grid_findings(self, sched, config, kw, ref):
-        return []               # its Karras sigmas over the 40-step training discretization: not judged yet
+        """The official consistency_models multistep grid: n of the N = 40 Karras levels, indices k (N // n) for k =
+        0 .. n - 1 (sigma_max first), then the boundary sigma_min; float32 Karras powers (rho u per level)."""
+        n, N = config["steps"], self.N_TRAIN
+        ramp = (np.arange(n) * (N // n)) / (N - 1)
+        lo, hi, rho = self.SIGMA_MIN, self.SIGMA_MAX, self.RHO
+        want = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        rel = (4.0 * rho + 1.0) * TB.U32
+        return [TB.compare_sigmas(_numpy(sched.sigmas), np.append(want, lo), np.full(n + 1, rel))]
 
     def sampler(self, sched, table, grid, variant=""):
         return CMMultistep("edm")
