@@ -115,9 +115,15 @@ def test_sigint_mid_run_exits_130_and_writes_no_report(tmp_path):
     # interrupted run does not end (a diagnosis instead of a bare timeout)
     env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "REFDIFF_TEST_SLEEP_MARKER": str(marker), "PYTHONFAULTHANDLER": "1"}
+    def deliverable_sigint():
+        # as in a terminal: the child must not inherit an ignored or blocked SIGINT from whatever started the test
+        # run (a shell's background job ignores it; a thread spawning helpers may block it), or Ctrl-C is not tested
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
     proc = subprocess.Popen([sys.executable, "-m", "refdiff.cli", "check", "protocol_scheduler:sleeper", "--quick",
                              "--quiet", "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=tests_dir)
+                            cwd=tests_dir, preexec_fn=deliverable_sigint)
     deadline = time.time() + 300
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
