@@ -32,10 +32,11 @@ def test_one_pipeline_per_family_agrees_quickly(name):
 
 
 def test_every_pipeline_case_agrees_or_is_explained(doc):
-    """48 cases: schedulers (DDIM, Euler, DPM-Solver++ 2M, flow Euler with SD3's shift and Flux's dynamic mu), 4
+    """54 cases: schedulers (DDIM, Euler, DPM-Solver++ 2M, Euler ancestral with its step noise recorded, flow Euler
+    with SD3's shift and Flux's dynamic mu), 4
     and 10 steps, guidance 1 / 7.5 / 5 with rescale 0.7; every model call's input and level and every step within
     the rule. The one explained finding: img2img swallows guidance_rescale in **kwargs and ignores it."""
-    assert len(doc["cases"]) == 48
+    assert len(doc["cases"]) == 54
     for c in doc["cases"]:
         if c["verdict"] == "known":
             assert "Img2Img" in c["scheduler"] and c["guidance_rescale"] > 0

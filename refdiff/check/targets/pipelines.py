@@ -18,6 +18,7 @@ sampler of the pipeline's scheduler (the mapping of ``refdiff check diffusers``)
 * the model input the pipeline must form: x / sqrt(1 + sigma^2) on sigma grids, x on VP and flow grids, twice for CFG;
 * the guided output m_u + s (m_c - m_u), and with ``guidance_rescale`` phi the rescale of Lin et al. 2024 (Alg. 2):
   m <- m (phi std(m_c) / std(m) + 1 - phi), per sample; its float32 rounding is carried as a bound;
+* stochastic schedulers (Euler ancestral): the noise their step() draws, recorded and replayed;
 * img2img: the start of the grid from ``strength`` (init = min(int(n strength), n) steps of the n-step grid) and
   the noised start sqrt(abar) x0 + sqrt(1 - abar) z with the noise the pipeline drew (recorded).
 
@@ -44,7 +45,7 @@ LATENT_HW = 4                   # latent height = width (SD: 4 x 4 x 4 channels;
 # pipeline -> (backbone kind, latent channels, the schedulers its cases run)
 PIPELINES = {
     "StableDiffusionPipeline": ("unet", 4, ("DDIMScheduler", "EulerDiscreteScheduler",
-                                            "DPMSolverMultistepScheduler")),
+                                            "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler")),
     "StableDiffusionImg2ImgPipeline": ("unet", 4, ("DDIMScheduler", "EulerDiscreteScheduler")),
     "StableDiffusionXLPipeline": ("unet-xl", 4, ("EulerDiscreteScheduler", "DDIMScheduler")),
     "StableDiffusion3Pipeline": ("sd3", 16, ("FlowMatchEulerDiscreteScheduler",)),
@@ -306,9 +307,11 @@ class PipelineTarget:
                   generator=torch.Generator().manual_seed(seed))
         case = {"scheduler": self.name, **config, "x_T": np.asarray(x_T).tolist()}
         restore = _record_randn(noise_draws) if img2img else None
+        restore_step = _record_step_noise(sched, trace.draws)
         try:
             out = pipe(**kw)
         finally:
+            restore_step()
             if restore:
                 restore()
         if not (img2img or flow):   # given latents are scaled by the scheduler's init_noise_sigma (after set_timesteps)
@@ -398,6 +401,27 @@ def _record_randn(draws):
 
     def restore():
         M.randn_tensor = real
+    return restore
+
+
+def _record_step_noise(sched, draws):
+    """Record the noise a stochastic scheduler draws inside step() (randn_tensor, imported by name into its module)
+    for the judge to replay; a no-op for schedulers that draw none."""
+    import sys
+
+    module = sys.modules[type(sched).__module__]
+    real = getattr(module, "randn_tensor", None)
+    if real is None:
+        return lambda: None
+
+    def recording(*a, **k):
+        z = real(*a, **k)
+        draws.append(z.detach().double().numpy())
+        return z
+    module.randn_tensor = recording
+
+    def restore():
+        module.randn_tensor = real
     return restore
 
 
