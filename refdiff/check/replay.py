@@ -164,14 +164,12 @@ def _moved_level(lv: Level, log_snr) -> Level:
     return Level(lv.t, np.sqrt(1.0 / (1.0 + np.exp(-log_snr))), np.sqrt(1.0 / (1.0 + np.exp(log_snr))), log_snr)
 
 
-def _lambda_sensitivity(smp, grid, state, ctx, outputs, adapter, pred):
-    """sum over the levels a step reads of |d out / d lambda_l| Lambda_l (units of u), Lambda_l = |log alpha_l| +
-    |log sigma_l| + 1 the float32 error of lambda_l = log alpha_l - log sigma_l; the derivative by a central finite
-    difference of the same paper step (float64, the replayed model outputs and noise)."""
-    i = state.step
-    base = [_unbounded(v) for v in state.history]
-    extra = {k: _unbounded(v) for k, v in state.extra.items()}
-    total = 0.0
+def perturbed_grids(grid, i):
+    """The finite-difference probes of the float32 log-SNR error of each level step i reads (levels i - 2 .. i + 1
+    with a finite log-SNR): yields (weight, (grid_plus, grid_minus)), the level moved by +-delta in log-SNR, where
+    weight |out_plus - out_minus| is that level's term |d out / d lambda_l| Lambda_l in units of u. Lambda_l =
+    |log alpha_l| + |log sigma_l| + 1 is the float32 error of lambda_l = log_snr / 2, so log_snr carries 2 Lambda_l
+    and the central difference divides by 2 delta."""
     for j in range(max(0, i - 2), min(len(grid.levels), i + 2)):
         lv = grid.levels[j]
         lam = np.asarray(lv.log_snr, dtype=np.float64)
@@ -180,21 +178,34 @@ def _lambda_sensitivity(smp, grid, state, ctx, outputs, adapter, pred):
         Lam = np.abs(np.log(np.asarray(lv.alpha, dtype=np.float64))) + np.abs(
             np.log(np.asarray(lv.sigma, dtype=np.float64))) + 1.0
         delta = LAMBDA_FD * (np.abs(lam) + 1.0)
-        outs = []
+        grids = []
         for sgn in (1.0, -1.0):
             levels = list(grid.levels)
             levels[j] = _moved_level(lv, lam + sgn * delta)
-            g = Grid(levels, grid.schedule, grid.inversion)
+            grids.append(Grid(levels, grid.schedule, grid.inversion))
+        yield 2.0 * Lam / (2.0 * delta), grids
+
+
+def _lambda_sensitivity(smp, grid, state, ctx, outputs, adapter, pred):
+    """sum over the levels a step reads of |d out / d lambda_l| Lambda_l (units of u) (``perturbed_grids``), the
+    derivative by a central finite difference of the same paper step (float64, the replayed model outputs and
+    noise)."""
+    i = state.step
+    base = tuple(_unbounded(v) for v in state.history)
+    extra = {k: _unbounded(v) for k, v in state.extra.items()}
+    total = 0.0
+    for weight, grids in perturbed_grids(grid, i):
+        outs = []
+        for g in grids:
             it = iter(outputs)
             draws = iter(ctx.draws)
 
             def denoise(x_in, level):
                 c_x, c_m = adapter.coeffs(pred, level)
                 return x_in * c_x + next(it) * c_m
-            nctx = NumericContext(ctx.x.v, denoise, lambda: next(draws), tuple(base), g)
-            outs.append(smp.step(nctx, levels[i], levels[i + 1], replace(state, history=tuple(base), extra=extra))[0])
-        # lambda = log_snr / 2 carries the error Lam, so log_snr carries 2 Lam
-        total = total + np.abs(outs[0] - outs[1]) / (2.0 * delta) * 2.0 * Lam
+            nctx = NumericContext(ctx.x.v, denoise, lambda: next(draws), base, g)
+            outs.append(smp.step(nctx, g.levels[i], g.levels[i + 1], replace(state, history=base, extra=extra))[0])
+        total = total + np.abs(outs[0] - outs[1]) * weight
     return total
 
 

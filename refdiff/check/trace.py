@@ -30,8 +30,9 @@ import numpy as np
 
 from ..samplers import Grid
 from ..samplers.base import NumericContext, State
+from ..samplers.karras import _ancestral
 from .findings import Finding
-from .replay import LAMBDA_FD, R, _moved_level, _unbounded
+from .replay import R, _unbounded, perturbed_grids
 from .rounding import Bounded, BoundedContext, exact
 
 __all__ = ["Trace", "Call", "judge", "Judgement", "Reading"]
@@ -71,7 +72,6 @@ class Judgement:
     per_step_ratio: list
     per_call_ratio: list
     level_ratio: list
-    end_to_end_max_abs: float | None
     reference: dict = field(default_factory=dict)
     call_levels: list = field(default_factory=list)
 
@@ -116,9 +116,8 @@ def _level_bound(levels, u, eta=0.0):
     kappa = 0.0
     s, sn = sig[0], sig[-1]
     if eta > 0 and 0 < sn < s < np.inf:
-        up2 = min(sn ** 2, eta ** 2 * sn ** 2 * (s ** 2 - sn ** 2) / s ** 2)
-        down2 = sn ** 2 - up2
-        kappa = sn ** 2 / down2 if down2 > 0 else np.inf
+        down = float(_ancestral(s, sn, eta)[1])
+        kappa = (sn / down) ** 2 if down > 0 else np.inf
     return R * u * (2.0 + sum(logs) + kappa)
 
 
@@ -137,34 +136,23 @@ def _ratio(a, b, bound):
 
 
 def _sensitivity(smp, grid, state, x, outputs, draws, i, reading):
-    """Sum over the levels step i reads of |d(result)/d log_snr_l| 2 Lambda_l (units of u) for the step output and
-    every stage input, Lambda_l = |log sigma_l| + 1 (VE levels) the float32 error of lambda_l; central differences
-    of the float64 paper step with the replayed model outputs and noise."""
+    """Sum over the levels step i reads of |d(result)/d lambda_l| Lambda_l (units of u) for the step output and
+    every stage input (refdiff.check.replay.perturbed_grids); central differences of the float64 paper step with
+    the replayed model outputs and noise."""
     out_total, stage_total = 0.0, None
-    for j in range(max(0, i - 2), min(len(grid.levels), i + 2)):
-        lv = grid.levels[j]
-        lam = np.asarray(lv.log_snr, dtype=np.float64)
-        if not np.all(np.isfinite(lam)):
-            continue
-        Lam = np.abs(np.log(np.asarray(lv.alpha, dtype=np.float64))) + np.abs(
-            np.log(np.asarray(lv.sigma, dtype=np.float64))) + 1.0
-        delta = LAMBDA_FD * (np.abs(lam) + 1.0)
+    for weight, grids in perturbed_grids(grid, i):
         outs, stages = [], []
-        for sgn in (1.0, -1.0):
-            levels = list(grid.levels)
-            levels[j] = _moved_level(lv, lam + sgn * delta)
-            g = Grid(levels, grid.schedule, grid.inversion)
+        for g in grids:
             it, dr, seen = iter(outputs), iter(draws), []
 
             def denoise(x_in, level):
                 seen.append(np.asarray(x_in, dtype=np.float64))
                 return _d(reading, x_in, level, next(it))
             ctx = NumericContext(x, denoise, lambda: next(dr), state.history, g)
-            outs.append(np.asarray(smp.step(ctx, levels[i], levels[i + 1], state)[0], dtype=np.float64))
+            outs.append(np.asarray(smp.step(ctx, g.levels[i], g.levels[i + 1], state)[0], dtype=np.float64))
             stages.append(seen)
-        scale = 2.0 * Lam / (2.0 * delta)
-        out_total = out_total + np.abs(outs[0] - outs[1]) * scale
-        per = [np.abs(a - b) * scale for a, b in zip(stages[0], stages[1])]
+        out_total = out_total + np.abs(outs[0] - outs[1]) * weight
+        per = [np.abs(a - b) * weight for a, b in zip(stages[0], stages[1])]
         stage_total = per if stage_total is None else [s + p for s, p in zip(stage_total, per)]
     return out_total, stage_total or []
 
@@ -329,10 +317,8 @@ def judge(trace: Trace, smp, grid: Grid, u: float, dt_terms: bool = True, readin
                              f"{len(trace.calls) - len(calls)}")
     except _Structure as exc:
         findings.append(Finding("structure", f"step structure differs: {exc}"))
-        xb = None
     findings.extend(first_call[k] for k in ("call", "call-input", "step") if k in first_call)
-    final = None if trace.final is None or xb is None else float(np.max(np.abs(np.asarray(trace.final) - xb.v)))
     nonfinite = 0 if trace.final is None else int(np.count_nonzero(~np.isfinite(trace.final)))
     if nonfinite and not any(f.kind == "structure" for f in findings):
         findings.append(Finding("nonfinite", f"{nonfinite} non-finite values in the target's final sample"))
-    return Judgement(findings, step_ratios, call_ratios, level_ratios, final, reference, call_levels)
+    return Judgement(findings, step_ratios, call_ratios, level_ratios, reference, call_levels)

@@ -35,13 +35,17 @@ class _Ancestral(Sampler):
     def _down_level(self, ctx, sigma_down):
         return ctx.grid.level_at(-2.0 * np.log(sigma_down))
 
+    def _up_down(self, s, s_next):
+        """(sigma_up, sigma_down) of the step from s to s_next (k-diffusion's ``get_ancestral_step``)."""
+        return _ancestral(s, s_next, self.eta)
+
     def step(self, ctx, cur: Level, nxt: Level, state: State):
         x = _ve(ctx.x, cur)
         s = cur.sigma_ve
         D = ctx.denoise(ctx.x, cur)
         if nxt.is_data:
             return _from_ve(D, nxt), {"order": 1}
-        up, down = _ancestral(s, nxt.sigma_ve, self.eta)
+        up, down = self._up_down(s, nxt.sigma_ve)
         x = self._ode_step(ctx, x, D, s, down, cur)
         if self.stochastic:
             x = x + ctx.noise() * (up * self.s_noise)
@@ -56,9 +60,13 @@ class DPM2Ancestral(_Ancestral):
         super().__init__(eta, s_noise)
         self.name = f"DPM2Ancestral(eta={eta:g})"
 
+    def _mid(self, s, down):
+        """The log-sigma midpoint sqrt(sigma sigma_down) at which DPM-2 evaluates."""
+        return np.exp(0.5 * (np.log(s) + np.log(down)))
+
     def _ode_step(self, ctx, x, D, s, down, cur):
         d = (x - D) / s
-        s_mid = np.exp(0.5 * (np.log(s) + np.log(down)))
+        s_mid = self._mid(s, down)
         mid = self._down_level(ctx, s_mid)
         x2 = x + d * (s_mid - s)
         d2 = (x2 - ctx.denoise(_from_ve(x2, mid), mid)) / s_mid

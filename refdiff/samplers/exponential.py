@@ -142,15 +142,19 @@ class SEEDS(Sampler):
         H = h * (1.0 + self.eta)
         inj = self.stochastic
         decay = lambda lv, frac: x * (lv.sigma / cur.sigma * np.exp(-frac * h * self.eta))  # noqa: E731
-        if self.stages == 2:
-            r = self.r
+
+        def first_stage(r):
+            """The exponential Euler stage to the fraction r of the step, its noise and the model there."""
             l1 = self._level(ctx, cur, nxt, r)
             x2 = decay(l1, r) - D * (l1.alpha * np.expm1(-r * H))
             noise = 0.0
             if inj:
                 noise = ctx.noise() * np.sqrt(-np.expm1(-2.0 * r * h * self.eta))
                 x2 = x2 + noise * (l1.sigma * self.s_noise)
-            D2 = ctx.denoise(x2, l1)
+            return noise, ctx.denoise(x2, l1)
+        if self.stages == 2:
+            r = self.r
+            noise, D2 = first_stage(r)
             if self.solver_type == "phi_1":
                 fac = 0.5 / r
                 out = decay(nxt, 1.0) + (D * (1.0 - fac) + D2 * fac) * (nxt.alpha * _phi1(H))
@@ -161,13 +165,8 @@ class SEEDS(Sampler):
                 out = out + self._carry(ctx, noise, (r - 1.0) * h * self.eta) * (nxt.sigma * self.s_noise)
             return out, {"order": 2}
         r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-        l1, l2 = self._level(ctx, cur, nxt, r1), self._level(ctx, cur, nxt, r2)
-        x2 = decay(l1, r1) - D * (l1.alpha * np.expm1(-r1 * H))
-        noise = 0.0
-        if inj:
-            noise = ctx.noise() * np.sqrt(-np.expm1(-2.0 * r1 * h * self.eta))
-            x2 = x2 + noise * (l1.sigma * self.s_noise)
-        D2 = ctx.denoise(x2, l1)
+        noise, D2 = first_stage(r1)
+        l2 = self._level(ctx, cur, nxt, r2)
         a32 = (r2 / r1) * _phi2(r2 * H)
         a31 = _phi1(r2 * H) - a32
         x3 = decay(l2, r2) + (D * a31 + D2 * a32) * l2.alpha

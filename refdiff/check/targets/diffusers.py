@@ -22,6 +22,7 @@ from ...samplers import (CMMultistep, Churn, DDIM, DDPM, DEIS, DPM2, DPM2Ancestr
                          SDEDPMSolverPP2M, TCD, UniPC, model_coeffs)
 from ...samplers.base import State
 from ...samplers.consistency import boundary_scalings
+from ...samplers.karras import _ancestral
 from .. import tables as TB
 from ..findings import Finding
 from ..replay import R, Hypothesis, run_case
@@ -603,21 +604,12 @@ class _Float32Ancestral(DPM2Ancestral):
         self.table = {float(a): (float(u), float(d), float(m)) for a, u, d, m in zip(sig, up, down, mid)}
         self.name = "DPM2Ancestral(float32 sigma_down)"
 
-    def step(self, ctx, cur, nxt, state):
-        from ...samplers.karras import _from_ve, _ve
+    def _up_down(self, s, s_next):
+        up, down, _ = self.table[float(np.mean(s))]
+        return up, down
 
-        x = _ve(ctx.x, cur)
-        s = float(np.mean(cur.sigma_ve))
-        D = ctx.denoise(ctx.x, cur)
-        if nxt.is_data:
-            return _from_ve(D, nxt), {"order": 1}
-        up, down, s_mid = self.table[s]
-        d = (x - D) / s
-        mid = self._down_level(ctx, s_mid)
-        x2 = x + d * (s_mid - s)
-        d2 = (x2 - ctx.denoise(_from_ve(x2, mid), mid)) / s_mid
-        x = x + d2 * (down - s) + ctx.noise() * up
-        return _from_ve(x, nxt), {"order": 2}
+    def _mid(self, s, down):
+        return self.table[float(np.mean(s))][2]
 
 
 class _KDPM2A(_VE):
@@ -644,13 +636,13 @@ class _KDPM2A(_VE):
         if nxt.is_data or len(ctx.stages) < 2:
             return base
         s, sn = float(np.mean(cur.sigma_ve)), float(np.mean(nxt.sigma_ve))
-        down2 = sn ** 2 - sn ** 2 * (s ** 2 - sn ** 2) / s ** 2
-        if not down2 > 0:
+        down = float(_ancestral(s, sn, 1.0)[1])
+        if not down > 0:
             return base
-        kappa = sn ** 2 / down2
+        kappa = (sn / down) ** 2
         (x1, _, d1), (x2, lv2, d2) = ctx.stages[0], ctx.stages[1]
         s_mid = float(np.mean(lv2.sigma_ve))
-        return base + kappa * (np.abs(x2.v - d2.v) / s_mid * np.sqrt(down2) + 0.5 * np.abs(x1.v - d1.v) / s * s_mid)
+        return base + kappa * (np.abs(x2.v - d2.v) / s_mid * down + 0.5 * np.abs(x1.v - d1.v) / s * s_mid)
 
     def hypotheses(self, sched, table, config, variant):
         return {"diffusers-kdpm2a-cancelling-sigma-down": Hypothesis(

@@ -306,14 +306,15 @@ class PipelineTarget:
         kw.update(callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
                   generator=torch.Generator().manual_seed(seed))
         case = {"scheduler": self.name, **config, "x_T": np.asarray(x_T).tolist()}
-        restore = _record_randn(noise_draws) if img2img else None
-        restore_step = _record_step_noise(sched, trace.draws)
+        import sys
+
+        restore = [_record_randn(sys.modules[type(pipe).__module__], noise_draws),
+                   _record_randn(sys.modules[type(sched).__module__], trace.draws)]
         try:
             out = pipe(**kw)
         finally:
-            restore_step()
-            if restore:
-                restore()
+            for undo in restore:
+                undo()
         if not (img2img or flow):   # given latents are scaled by the scheduler's init_noise_sigma (after set_timesteps)
             trace.x_T = (x * sched.init_noise_sigma).double().numpy()
         final = out.images if hasattr(out, "images") else out[0]
@@ -387,29 +388,10 @@ class PipelineTarget:
         return []
 
 
-def _record_randn(draws):
-    """Record the noise img2img pipelines draw (diffusers.utils.torch_utils.randn_tensor, imported by name)."""
-    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as M
-
-    real = M.randn_tensor
-
-    def recording(*a, **k):
-        z = real(*a, **k)
-        draws.append(z.detach().double().numpy())
-        return z
-    M.randn_tensor = recording
-
-    def restore():
-        M.randn_tensor = real
-    return restore
-
-
-def _record_step_noise(sched, draws):
-    """Record the noise a stochastic scheduler draws inside step() (randn_tensor, imported by name into its module)
-    for the judge to replay; a no-op for schedulers that draw none."""
-    import sys
-
-    module = sys.modules[type(sched).__module__]
+def _record_randn(module, draws):
+    """Record into ``draws`` the noise ``module`` draws with randn_tensor (diffusers imports it by name into each
+    pipeline and scheduler module): img2img's noising of the start, a stochastic scheduler's step noise. Returns
+    the function that restores the module; a no-op for a module that draws none."""
     real = getattr(module, "randn_tensor", None)
     if real is None:
         return lambda: None
