@@ -36,8 +36,12 @@ def _explained(case, fid):
 
 # the 3M, churn and UniPC bh1 variants, TCD (its last step stops at t = 0) and CM (float32 noise at the boundary)
 # disagree by design (findings, tested below)
+# the DPM-Solver inverse on its default trailing spacing ends with a null step, and IPNDM drops the model's x0 at
+# its alpha = 0 start (findings, tested below)
 AGREEING = [(name, variant) for name, cls in DS.SCHEDULERS.items() for variant in cls.variants
-            if variant not in ("3M", "churn", "bh1") and name not in ("TCDScheduler", "CMStochasticIterativeScheduler")]
+            if variant not in ("3M", "churn", "bh1") and name not in (
+                "TCDScheduler", "CMStochasticIterativeScheduler", "DPMSolverMultistepInverseScheduler",
+                "IPNDMScheduler")]
 
 
 @pytest.mark.parametrize("name,variant", AGREEING, ids=lambda v: v or "default")
@@ -181,7 +185,7 @@ def test_cli_writes_reports_and_saves_failing_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["collections:OrderedDict", "diffusers:NoSuchScheduler", "no_such_module:x",
-                                    "diffusers:PNDMScheduler", "protocol_scheduler:NoSampler"])
+                                    "diffusers:SASolverScheduler", "protocol_scheduler:NoSampler"])
 def test_unknown_targets_exit_2(target, capsys):
     assert cli.main(["check", target]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
@@ -515,3 +519,178 @@ def test_a_diffusers_reproducer_rebuilds_the_scheduler_from_its_config(tmp_path,
     (script,) = write_reproducers({"cases": [case]}, tmp_path)
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "not reproduced" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("name", ["CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"])
+def test_cogvideox_schedulers_agree_on_their_released_configuration(name):
+    """CogVideoX's own setting: SNR shifted by 3, zero terminal SNR, v prediction, trailing spacing (50 steps divide
+    T = 1000, so t - T // N is the next timestep): the shifted table, the grid and every step agree."""
+    adapter = DS.SCHEDULERS[name](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 50, beta_schedule="zero_snr", prediction_type="v_prediction"))
+    assert case["verdict"] == "pass", case["finding"]
+    assert case["sigmas"][0] == np.inf
+
+
+@pytest.mark.parametrize("name", ["CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"])
+def test_cogvideox_steps_to_t_minus_T_over_N(name):
+    """3 trailing steps: timesteps 999, 666, 332, but each step goes to t - 333 (665, 333): the #12633 convention,
+    for the multistep SDE solver too (r still from the previous start, as its timestep_back)."""
+    adapter = DS.SCHEDULERS[name](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 3))
+    assert _explained(case, "diffusers-12633"), case["finding"]
+
+
+def test_a_scheduler_ignoring_the_snr_shift_is_a_schedule_finding(monkeypatch):
+    """The configuration asks snr_shift_scale = 3; a scheduler that builds the plain table is caught before any
+    step (the shift's float32 bound: relative error scaled by s / (s + (1 - s) alpha_bar), plus three roundings)."""
+    adapter = DS.SCHEDULERS["CogVideoXDDIMScheduler"](diffusers)
+    real = adapter.make
+    monkeypatch.setattr(adapter, "make", lambda config, variant: real({**config, "snr_shift_scale": 1.0}, variant))
+    case = DS.run_case(adapter, _config(adapter, 10))
+    assert case["verdict"] == "fail" and "schedule" in [f["kind"] for f in case["findings"]], case["finding"]
+
+
+def test_cogvideox_dpm_reproducer_calls_step_with_the_previous_prediction(tmp_path, monkeypatch):
+    """CogVideoX's DPM step() takes (output, previous x0, t, previous t, sample) and draws twice in a second-order
+    step. A planted error is recorded; the script, run against the unpatched diffusers, drives step() the way the
+    pipeline does (its own generator draws) and agrees with the stored reference at every step (exit 0)."""
+    import subprocess
+    import sys
+
+    from refdiff.check.reproducer import write_reproducers
+
+    import functools
+
+    real = diffusers.CogVideoXDPMScheduler.step
+
+    @functools.wraps(real)                   # keeps step()'s signature: it takes a generator
+    def off(self, *a, **kw):
+        out, x0 = real(self, *a, **kw)
+        return out * (1 + 1e-4), x0
+    monkeypatch.setattr(diffusers.CogVideoXDPMScheduler, "step", off)
+    adapter = DS.SCHEDULERS["CogVideoXDPMScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 6, timestep_spacing="leading"))
+    assert case["verdict"] == "fail" and case["reproducer"]["build"]["call"] == "previous-x0"
+    monkeypatch.undo()
+    (script,) = write_reproducers({"cases": [case]}, tmp_path)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "not reproduced" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("name,variant", [("DDIMInverseScheduler", ""), ("DPMSolverMultistepInverseScheduler", "2M")])
+@pytest.mark.parametrize("steps", [1, 10, 25])
+def test_inversion_schedulers_agree_running_towards_the_noise(name, variant, steps):
+    """DDIM inversion and DPM-Solver++ 2M on a grid of increasing noise (leading spacing, h < 0), the model output
+    passed at each step's start: every step agrees under the rule."""
+    adapter = DS.SCHEDULERS[name](diffusers)
+    case = DS.run_case(adapter, _config(adapter, steps, variant=variant, timestep_spacing="leading"))
+    assert case["verdict"] == "pass", case["finding"]
+    assert case["sigmas"][0] < case["sigmas"][-1]
+
+
+def test_ddim_inversion_steps_from_t_minus_T_over_N():
+    """Trailing, 3 steps: timesteps 332, 666, 999; the step to 666 starts at 333 where the last one ended at 332."""
+    adapter = DS.SCHEDULERS["DDIMInverseScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 3))
+    assert _explained(case, "diffusers-12633"), case["finding"]
+
+
+def test_dpm_inverse_trailing_ends_with_a_null_step():
+    """Trailing spacing: the closing level repeats the last timestep (999), so the last step goes nowhere (checked
+    by running it: the sample comes back unchanged); every other step agrees."""
+    adapter = DS.SCHEDULERS["DPMSolverMultistepInverseScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10, variant="2M"))
+    assert _explained(case, "diffusers-dpm-inverse-trailing"), case["finding"]
+    assert max(case["per_step_ratio"]) <= 1.0 and len(case["per_step_ratio"]) == 9
+
+
+def test_dpm_inverse_3m_trailing_with_15_steps_or_more_returns_nan():
+    """From 15 steps on the null last step is third order (no lower_order_final): r0 = h0 / 0 = inf and
+    r0 / (r0 + r1) = NaN, so the inverted latent is NaN. Found by running the step; named with its mechanism."""
+    adapter = DS.SCHEDULERS["DPMSolverMultistepInverseScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 20, variant="3M"))
+    ids = _ids(case)
+    assert "diffusers-dpm-inverse-trailing-3m-nan" in ids and case["verdict"] == "known", case["finding"]
+
+
+@pytest.mark.parametrize("steps", [1, 3, 25])
+def test_ipndm_drops_the_models_x0_at_its_snr_zero_start(steps):
+    """IPNDMScheduler's first level has alpha = 0 (sigma = sin^2(pi / 2) = 1): its x0 prediction there is
+    (x - 1 * x) / 1e-8 = 0 whatever the model says; the re-run with x0 = 0 at that level reproduces every step.
+    With one step the output is exactly 0."""
+    adapter = DS.SCHEDULERS["IPNDMScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, steps))
+    assert _explained(case, "diffusers-ipndm-snr0-x0"), case["finding"]
+    assert case["per_step_ratio"][0] > 1e3 and max(case["per_step_ratio"][1:] or [0.0]) <= 1.0
+
+
+def test_ipndm_transfer_form_is_refdiffs_ipndm():
+    """The check's transfer-form iPNDM equals refdiff.samplers.IPNDM(4) (AB on d = eps in x / alpha) wherever
+    alpha > 0: one Gaussian-mixture run on a VP grid, to float64 rounding."""
+    from refdiff import schedules as S
+    from refdiff.samplers import IPNDM, Grid
+    from refdiff.solve import sample
+
+    grid = Grid.from_discrete(S.DiscreteSchedule(S.scaled_linear_betas(1000)), np.linspace(980, 20, 12).astype(int),
+                              final="data")
+    model = DS.oracle_model(DS.ORACLE, "x0")
+    x_T = np.random.default_rng(3).standard_normal((2, 4)) * grid.levels[0].sigma
+    ours = sample(DS._IPNDMTransfer(), model, grid, x_T, prediction="x0", progress=False).x
+    ref = sample(IPNDM(4), model, grid, x_T, prediction="x0", progress=False).x
+    np.testing.assert_allclose(ours, ref, rtol=1e-11, atol=1e-11)
+
+
+def test_cogvideox_ddim_ignores_clip_sample_and_eta():
+    """The README's statement, measured: with an x0 prediction far outside [-1, 1], clip_sample=True (its default)
+    gives the unclipped step of clip_sample=False, and eta = 1 with a generator gives the deterministic eta = 0."""
+    import torch
+
+    out = {}
+    for clip in (True, False):
+        for eta in (0.0, 1.0):
+            sched = diffusers.CogVideoXDDIMScheduler(clip_sample=clip)
+            sched.set_timesteps(10)
+            x = torch.full((1, 4), 5.0)
+            out[clip, eta] = sched.step(torch.zeros(1, 4), sched.timesteps[3], x, eta=eta,
+                                        generator=torch.Generator().manual_seed(0)).prev_sample
+    assert all(torch.equal(v, out[False, 0.0]) for v in out.values())
+    ddim = {}                                                    # the plain DDIM does clip: the probe can tell
+    for clip in (True, False):
+        sched = diffusers.DDIMScheduler(clip_sample=clip)
+        sched.set_timesteps(10)
+        ddim[clip] = sched.step(torch.zeros(1, 4), sched.timesteps[3], torch.full((1, 4), 5.0)).prev_sample
+    assert not torch.allclose(ddim[True], ddim[False])
+
+
+def test_pndm_plms_agrees_on_stable_diffusions_setting():
+    """PLMS as Stable Diffusion runs it (leading spacing, steps_offset 1, eps, set_alpha_to_one=False): the Heun
+    warm-up's two calls and AB2..AB4 agree step by step; the repeated warm-up timestep is one level."""
+    adapter = DS.SCHEDULERS["PNDMScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 25, timestep_spacing="leading"))
+    assert case["verdict"] == "pass", case["finding"]
+    assert len(case["per_step_ratio"]) == 25 and len(case["timesteps"]) == 26
+
+
+def test_pndm_combines_raw_v_outputs():
+    """With v prediction diffusers' PLMS combines the raw v outputs and converts the combination at the step's start:
+    the first (Heun) step agrees, the multistep ones need the raw-v hypothesis."""
+    adapter = DS.SCHEDULERS["PNDMScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10, timestep_spacing="leading", prediction_type="v_prediction"))
+    assert _explained(case, "diffusers-pndm-raw-v"), case["finding"]
+
+
+def test_pndm_linspace_one_step_returns_the_noise():
+    adapter = DS.SCHEDULERS["PNDMScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 1, timestep_spacing="linspace"))
+    assert _explained(case, "diffusers-pndm-linspace-null-step") and "x_T comes back" in case["finding"]
+
+
+def test_pndm_planted_coefficient_error_is_caught(monkeypatch):
+    real = diffusers.PNDMScheduler._get_prev_sample
+
+    def off(self, sample, timestep, prev_timestep, model_output):
+        return real(self, sample, timestep, prev_timestep, model_output * (1 + 1e-4))
+    monkeypatch.setattr(diffusers.PNDMScheduler, "_get_prev_sample", off)
+    adapter = DS.SCHEDULERS["PNDMScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10, timestep_spacing="leading"))
+    assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "step", case["finding"]

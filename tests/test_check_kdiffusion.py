@@ -246,7 +246,7 @@ def test_check_list_names_every_diffusers_scheduler(capsys):
         assert f"  {n} " in out, n
     lines = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
     assert "out of scope" in lines["VQDiffusionScheduler"] and "out of scope" in lines["AmusedScheduler"]
-    assert " mapped " in lines["DDIMParallelScheduler"] and "not mapped" in lines["PNDMScheduler"]
+    assert " mapped " in lines["PNDMScheduler"] and "not mapped" in lines["SASolverScheduler"]
     assert cli.main(["check"]) == cli.EXIT_USAGE
 
 

@@ -59,8 +59,8 @@ class _Diffusers:
         self.torch, self.adapter, self.sched = torch, adapter, sched
         self.dtype = getattr(torch, dtype)
         self.x = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(self.dtype)
-        ts = sched.timesteps
-        self.calls = list(ts if isinstance(ts, torch.Tensor) else torch.as_tensor(np.asarray(ts)))
+        self.calls = [t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t))
+                      for t in adapter.calls(sched)]
         self.k = 0
         self.gen = torch.Generator().manual_seed(seed)
         self.recorded = adapter.noise_recorder(sched, self.x)
@@ -79,7 +79,7 @@ class _Diffusers:
         if self.adapter.space == "ve":
             self.sched.scale_model_input(self.x, t)
         kw = {"generator": self.gen, **self.step_kwargs} if self.pass_generator else dict(self.step_kwargs)
-        out = self.sched.step(m, t, self.x, **kw)
+        out = self.adapter.call_step(self.sched, m, t, self.x, kw)
         out = out.prev_sample if hasattr(out, "prev_sample") else out[0] if isinstance(out, tuple) else out
         out = self.torch.as_tensor(out)
         if tuple(out.shape) != tuple(self.x.shape):        # compared before any arithmetic: it would broadcast
@@ -110,7 +110,7 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
     refs = []                  # (calls made so far, reference value, bound) after each step (for reproducers)
     n_steps = len(step_grids) if step_grids is not None else len(grid)
     for i in range(n_steps):
-        g = Grid(step_grids[i], grid.schedule) if step_grids is not None else grid
+        g = Grid(step_grids[i], grid.schedule, grid.inversion) if step_grids is not None else grid
         st = State() if step_grids is not None else adapter.sync(sched, bstate)
         cur, nxt = g.levels[st.step], g.levels[st.step + 1]
 
@@ -232,6 +232,10 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
     case = {"scheduler": adapter.name, **config, "variant": variant, "timesteps": ts.tolist(),
             "duplicate_timesteps": int(len(adapter.step_starts(ts)) - len(np.unique(adapter.step_starts(ts))))}
     findings = list(adapter.table_findings(sched, config))
+    if not adapter.calls(sched):           # nothing to replay (e.g. a run whose only step is null): the findings say
+        case["findings"] = [f.to_dict() for f in findings]
+        return {**case, "per_step_ratio": [], "nonfinite": 0, "end_to_end_max_abs": None,
+                "verdict": case_verdict(findings), "finding": "; ".join(str(f) for f in findings)}
     grid = adapter.grid(sched, table)
     case["sigmas"] = [float(np.asarray(lv.sigma_ve)) for lv in grid.levels]        # refdiff's levels (sigma / alpha)
     if hasattr(sched, "sigmas"):
@@ -285,7 +289,8 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
         if getattr(adapter, "factory", None) is not None:        # a step-protocol factory: rebuilt by its name
             build = {"factory": adapter.name, "config": adapter.scheduler_config(config)}
         else:
-            build = {"scheduler": adapter.name, "config": dict(sched.config)}
+            build = {"scheduler": adapter.name, "config": dict(sched.config),
+                     "call": getattr(adapter, "step_call", "plain")}
         extra["reproducer"] = diffusers_payload(build, config, x_T, seed, recorded)
     return done(extra)
 

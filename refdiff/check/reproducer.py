@@ -210,6 +210,7 @@ def main():
     gen = torch.Generator().manual_seed(DATA["seed"])
     refs = {{k: (np.asarray(v), np.asarray(b)) for k, v, b in DATA["reference"]}}
     starts = {{k: x0 for k, x0 in DATA["starts"]}}
+    previous = {{}}
     bad = 0
     for k, (t, m) in enumerate(zip(sched.timesteps, DATA["outputs"])):
         if k in starts:                # each step from the target's own state in the recorded run, as the check
@@ -217,8 +218,14 @@ def main():
         if hasattr(sched, "scale_model_input"):
             sched.scale_model_input(x, t)
         kw = dict(DATA["step_kwargs"], **({{"generator": gen}} if DATA["generator"] else {{}}))
-        out = sched.step(torch.tensor(m, dtype=torch.float64).to(dtype), t, x, **kw)
-        x = (out.prev_sample if hasattr(out, "prev_sample") else out[0]).to(dtype)
+        m = torch.tensor(m, dtype=torch.float64).to(dtype)
+        if DATA["build"].get("call") == "previous-x0":     # CogVideoX's DPM: step(output, old x0, t, t_back, x)
+            out, x0 = sched.step(m, previous.get("x0"), t, previous.get("t"), x, return_dict=False, **kw)
+            previous.update(x0=x0, t=t)
+        else:
+            out = sched.step(m, t, x, **kw)
+            out = out.prev_sample if hasattr(out, "prev_sample") else out[0]
+        x = out.to(dtype)
         if k + 1 in refs:
             ref, bound = refs[k + 1]
             err = np.abs(x.double().numpy() - ref)

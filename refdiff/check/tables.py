@@ -28,7 +28,7 @@ import numpy as np
 from .. import schedules as S
 from .findings import Finding
 
-__all__ = ["RefTable", "ZERO_SNR_CLAMP", "U32", "reference_betas", "reference_alphas_cumprod", "alphas_cumprod_bound", "compare_alphas_cumprod", "compare_timesteps",
+__all__ = ["RefTable", "ZERO_SNR_CLAMP", "U32", "reference_betas", "reference_alphas_cumprod", "alphas_cumprod_bound", "snr_shifted", "compare_alphas_cumprod", "compare_timesteps",
            "compare_sigmas", "table_sigmas", "table_sigma_bound", "fractional_timesteps", "TABLE_RULE"]
 
 U32 = float(np.finfo(np.float32).eps) / 2.0
@@ -37,8 +37,9 @@ BETA_DEFAULTS = {"linear": (1e-4, 2e-2), "scaled_linear": (8.5e-4, 1.2e-2)}
 
 
 def reference_betas(config: dict):
-    """(betas, zero_snr) for a diffusers-style configuration (num_train_timesteps, beta_schedule, beta_start, beta_end,
-    rescale_betas_zero_snr): the configuration's betas before any zero-SNR rescale, and whether it is asked. None for
+    """(betas, zero_snr, snr_shift) for a diffusers-style configuration (num_train_timesteps, beta_schedule,
+    beta_start, beta_end, rescale_betas_zero_snr, snr_shift_scale): the configuration's betas before any SNR shift
+    or zero-SNR rescale, whether that rescale is asked, and the shift (1: none). None for
     a schedule without a beta table (EDM, flow matching) or one refdiff does not define."""
     T = int(config.get("num_train_timesteps", 1000))
     kind = config.get("beta_schedule")
@@ -51,10 +52,24 @@ def reference_betas(config: dict):
         betas = S.cosine_betas(T)
     else:
         return None
-    return betas, bool(config.get("rescale_betas_zero_snr", False))
+    return betas, bool(config.get("rescale_betas_zero_snr", False)), float(config.get("snr_shift_scale", 1.0))
 
 
-def reference_alphas_cumprod(betas, zero_snr: bool = False) -> np.ndarray:
+def snr_shifted(alphas_cumprod, shift: float) -> np.ndarray:
+    """alpha_bar / (s + (1 - s) alpha_bar): the table whose SNR is the original's divided by s (CogVideoX's
+    ``snr_shift_scale``, applied before any zero-SNR rescale)."""
+    ab = np.asarray(alphas_cumprod, dtype=np.float64)
+    return ab / (shift + (1.0 - shift) * ab)
+
+
+def _betas_of(alphas_cumprod) -> np.ndarray:
+    ab = np.asarray(alphas_cumprod, dtype=np.float64)
+    return 1.0 - ab / np.concatenate([[1.0], ab[:-1]])
+
+
+def reference_alphas_cumprod(betas, zero_snr: bool = False, snr_shift: float = 1.0) -> np.ndarray:
+    if snr_shift != 1.0:
+        betas = _betas_of(snr_shifted(S.DiscreteSchedule(betas).alphas_cumprod, snr_shift))
     return S.DiscreteSchedule(S.rescale_zero_terminal_snr(betas) if zero_snr else betas).alphas_cumprod
 
 
@@ -64,15 +79,23 @@ def _cumprod_bound(betas) -> np.ndarray:
     return U32 * (2.0 * (i + 1) + np.cumsum(2.0 * b / (1.0 - b)))
 
 
-def alphas_cumprod_bound(betas, zero_snr: bool = False) -> np.ndarray:
+def alphas_cumprod_bound(betas, zero_snr: bool = False, snr_shift: float = 1.0) -> np.ndarray:
     """Relative bound (T,) of a float32 computation of alpha_bar from the configuration's ``betas`` (before the
     zero-SNR rescale when ``zero_snr``; see the module docstring). A zero-SNR table's last entry is exactly 0 on both
-    sides: its bound is 0."""
+    sides: its bound is 0. ``snr_shift`` s: the float32 table is then divided by s + (1 - s) alpha_bar (den), which
+    scales its relative error by d log f / d log alpha_bar = s / den and adds the roundings of (1 - s) alpha_bar
+    (relative to den), of the sum and of the division."""
     betas = np.asarray(betas, dtype=np.float64)
     e = _cumprod_bound(betas)
+    ab = S.DiscreteSchedule(betas).alphas_cumprod
+    if snr_shift != 1.0:
+        den = snr_shift + (1.0 - snr_shift) * ab
+        e = e * snr_shift / den + U32 * (abs(1.0 - snr_shift) * ab / den + 2.0)
+        ab = snr_shifted(ab, snr_shift)
+        betas = _betas_of(ab)
     if not zero_snr:
         return e
-    a = np.sqrt(S.DiscreteSchedule(betas).alphas_cumprod)
+    a = np.sqrt(ab)
     a_0, a_T = a[0], a[-1]
     with np.errstate(divide="ignore", invalid="ignore"):
         shifted = (a * (e / 2 + U32) + a_T * (e[-1] / 2 + U32)) / (a - a_T) + 2.0 * U32     # sqrt(abar) - a_T
@@ -89,14 +112,15 @@ class RefTable:
     """The configuration's alpha_bar table and its float32 relative bound; ``clamped()`` is the same table with
     alpha_bar_T = 2^-24 (diffusers' zero-SNR convention: a finite first sigma of 4096)."""
 
-    _cache: dict = {}             # (betas bytes, zero_snr) -> (alpha_bar, bound): a check builds the same few tables
+    _cache: dict = {}             # (betas bytes, zero_snr, snr_shift) -> (alpha_bar, bound): a check builds the same few tables
 
-    def __init__(self, betas, zero_snr: bool = False, clamp: bool = False):
+    def __init__(self, betas, zero_snr: bool = False, snr_shift: float = 1.0, clamp: bool = False):
         self.betas, self.zero_snr, self.clamp = np.asarray(betas, dtype=np.float64), bool(zero_snr), bool(clamp)
-        key = (self.betas.tobytes(), self.zero_snr)
+        self.snr_shift = float(snr_shift)
+        key = (self.betas.tobytes(), self.zero_snr, self.snr_shift)
         if key not in RefTable._cache:
-            RefTable._cache[key] = (reference_alphas_cumprod(self.betas, self.zero_snr),
-                                    alphas_cumprod_bound(self.betas, self.zero_snr))
+            RefTable._cache[key] = (reference_alphas_cumprod(self.betas, self.zero_snr, self.snr_shift),
+                                    alphas_cumprod_bound(self.betas, self.zero_snr, self.snr_shift))
         ab, bound = RefTable._cache[key]
         self.alphas_cumprod, self.bound = ab.copy(), bound.copy()
         if clamp:
@@ -104,7 +128,7 @@ class RefTable:
             self.bound[-1] = 0.0                  # the clamp is exact in float32
 
     def clamped(self) -> "RefTable":
-        return RefTable(self.betas, self.zero_snr, clamp=True)
+        return RefTable(self.betas, self.zero_snr, self.snr_shift, clamp=True)
 
 
 def compare_alphas_cumprod(target, table: "RefTable"):

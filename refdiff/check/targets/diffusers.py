@@ -17,10 +17,13 @@ from ... import schedules as S
 from ...convergence import oracle_model
 from ...grids import flow_sigmas
 from ...oracles import ConsistencyOracle, GaussianData, GaussianMixture
-from ...samplers import (CMMultistep, Churn, DDIM, DDPM, DEIS, DPM2, DPM2Ancestral, DPMSolverPP, DPMSolverPPSDE,
+from ...samplers import (CMMultistep, Churn, DDIM, DDPM, DEIS, DPM2, DPM2Ancestral, DPMSolverPP, DPMSolverPP2MSDE,
+                         DPMSolverPPSDE, PNDM,
                          DPMSolverPPSinglestep, Euler, EulerAncestral, FlowHeun, Grid, Heun, LCM, LMS, Level,
                          SDEDPMSolverPP2M, TCD, UniPC, model_coeffs)
-from ...samplers.base import State
+from ...samplers.base import Sampler, State
+from ...samplers.dpm_solver import multistep_order
+from ...samplers.pndm import AB_WEIGHTS
 from ...samplers.consistency import boundary_scalings
 from ...samplers.karras import _ancestral
 from .. import tables as TB
@@ -233,6 +236,14 @@ class _Adapter:
         """Resynchronise state diffusers keeps beyond the sample (e.g. UniPC's corrected sample)."""
         return bstate
 
+    def calls(self, sched) -> list:
+        """The timesteps at which the replay calls the target's step(), in order (all of them by default)."""
+        return list(sched.timesteps)
+
+    def call_step(self, sched, m, t, x, kw):
+        """One call of the target's step() (an adapter whose step takes more than (output, t, sample) supplies it)."""
+        return sched.step(m, t, x, **kw)
+
     def noise_recorder(self, sched, x):
         """A list that collects the noise diffusers draws from its own sampler (replayed in order for the reference),
         or None when it draws from the torch.Generator passed to step()."""
@@ -279,11 +290,15 @@ class _DDIM(_Adapter):
 
     def hypotheses(self, sched, table, config, variant):
         """diffusers #12633 / #11347: step() reads alpha_bar_prev at t - T // N, not at the next grid timestep."""
-        T, n = sched.config.num_train_timesteps, sched.num_inference_steps
-        ts = sched.timesteps.numpy()
-        data = Level(-1, 1.0, 0.0, np.inf)
-        pairs = [(_level(table, t), data if t - T // n < 0 else _level(table, t - T // n)) for t in ts]
+        pairs = list(zip(Grid.from_discrete(table, sched.timesteps.numpy()).levels, _t_minus_T_over_N(sched, table)))
         return {"diffusers-12633": Hypothesis("prev_t = t - T // N (diffusers #12633, #11347)", "pairs", pairs)}
+
+
+def _t_minus_T_over_N(sched, table) -> list:
+    """The level each step of a DDIM-family scheduler goes to when it steps to t - T // N (the data below 0)."""
+    T, n = sched.config.num_train_timesteps, sched.num_inference_steps
+    data = Level(-1, 1.0, 0.0, np.inf)
+    return [data if t - T // n < 0 else _level(table, t - T // n) for t in np.asarray(sched.timesteps)]
 
 
 class _DDPM(_Adapter):
@@ -690,7 +705,8 @@ class _DPMSDE(_VE):
         from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
         sig = sched.sigmas
-        tree = BrownianTreeNoiseSampler(x, sig[sig > 0].min().item(), sig.max().item(), sched.config.noise_sampler_seed)
+        tree = BrownianTreeNoiseSampler(x, sig[sig > 0].min().item(), sig.max().item(),
+                                        getattr(sched.config, "noise_sampler_seed", None) or 0)
         drawn = []
 
         def recorded(sigma, sigma_next):
@@ -754,8 +770,10 @@ class _EDMEuler(_Churned, _VE):
                         evidence={"target_sigma_0": float(target[0]), "reference_sigma_0": hi})
         return [f]
 
+    SIGMA_DATA = 0.5                   # diffusers' default sigma_data
+
     def _skip_out(self, sigma, prediction):
-        sd = 0.5                      # diffusers' default sigma_data
+        sd = self.SIGMA_DATA
         s = np.asarray(sigma, dtype=np.float64)
         c_out = s * sd / np.sqrt(s * s + sd * sd)
         return sd * sd / (s * s + sd * sd), (c_out if prediction == "epsilon" else -c_out)
@@ -797,6 +815,32 @@ class _EDMDPM(_EDMEuler):
         return {"dpmsolver-3m-halved-d2": Hypothesis(
             "the released DPM-Solver++ 3M update halves the D'' term (local error O(h^3): global order 2)",
             "sampler", DPMSolverPP(3, halved_d2=True))}
+
+
+class _CosineDPM(_EDMDPM):
+    """Stable Audio's CosineDPMSolverMultistepScheduler: SDE-DPM-Solver++(2M) (eta = 1; the midpoint or the heun
+    weight of the first divided difference, refdiff.samplers.DPMSolverPP2MSDE) on exponential / Karras sigmas from
+    0.3 to 500 with EDM preconditioning at sigma_data = 1 (its timestep is atan(sigma) 2 / pi, fed to the network
+    only). Its noise comes from a torchsde Brownian tree, installed seeded and recorded as for DPMSolverSDE."""
+
+    name = "CosineDPMSolverMultistepScheduler"
+    variants = {"midpoint": dict(solver_type="midpoint"), "heun": dict(solver_type="heun")}
+    predictions = ("v_prediction", "epsilon")
+    schedules = ("karras", "exponential")
+    EDM_RANGE = (0.3, 500.0, 7.0)          # its default sigma_min, sigma_max, rho
+    SIGMA_DATA = 1.0
+
+    def make(self, config, variant):
+        return self.cls(**config, **self.variants[variant])
+
+    def sampler(self, sched, table, grid, variant=""):
+        return DPMSolverPP2MSDE(1.0, sched.config.solver_type)
+
+    def hypotheses(self, sched, table, config, variant):
+        return {}
+
+    def noise_recorder(self, sched, x):
+        return _DPMSDE.noise_recorder(self, sched, x)
 
 
 class _FlowMatchEuler(_Adapter):
@@ -1032,6 +1076,436 @@ class _DDIMParallel(_DDIM):
     name = "DDIMParallelScheduler"
 
 
+class _CogVideoXDDIM(_DDIM):
+    """CogVideoX's DDIM: DDIM on the table with SNR divided by snr_shift_scale (alpha_bar / (s + (1 - s) alpha_bar),
+    before any zero-SNR rescale; refdiff.check.tables.snr_shifted), stepping to t - T // N always (the DDIM #12633
+    convention is its definition here: on leading spacing it is the next timestep, elsewhere a hypothesis)."""
+
+    name = "CogVideoXDDIMScheduler"
+    SNR_SHIFT = 3.0                       # diffusers' default, passed explicitly so the table check sees it
+
+    def scheduler_config(self, config):
+        return {**super().scheduler_config(config), "snr_shift_scale": self.SNR_SHIFT}
+
+    def make(self, config, variant):
+        return self.cls(**{"set_alpha_to_one": True, **config})
+
+
+class _SDEDPM2MToTMinusTOverN(SDEDPMSolverPP2M):
+    """SDE-DPM-Solver++(2M) whose step from t goes to t - T // N (``targets``), with r still from the previous start
+    (a hypothesis of the check: CogVideoX's DPM scheduler on spacings where that is not the next timestep)."""
+
+    def __init__(self, targets):
+        self.targets = targets
+
+    def step(self, ctx, cur, nxt, state):
+        return super().step(ctx, cur, self.targets[state.step], state)
+
+
+class _CogVideoXDPM(_CogVideoXDDIM):
+    """CogVideoX's DPM scheduler: SDE-DPM-Solver++(2M) (midpoint form; refdiff.samplers.SDEDPMSolverPP2M) on the
+    SNR-shifted table. Its step() takes the previous x0 prediction and the previous timestep (as CogVideoX's
+    pipelines pass them); in a second-order step it draws the noise twice and uses the second draw: the recorder
+    keeps the draw each step uses."""
+
+    name = "CogVideoXDPMScheduler"
+    step_call = "previous-x0"             # how the reproducer script calls its step()
+
+    def sampler(self, sched, table, grid, variant=""):
+        return SDEDPMSolverPP2M()
+
+    def call_step(self, sched, m, t, x, kw):
+        from .pipelines import _record_randn
+        from diffusers.schedulers import scheduling_dpm_cogvideox as module
+
+        old, t_back = getattr(sched, "_refdiff_previous", (None, None))
+        draws = []
+        restore = _record_randn(module, draws)
+        try:
+            out, x0 = sched.step(m, old, t, t_back, x, return_dict=False, **kw)
+        finally:
+            restore()
+        sched._refdiff_previous = (x0, t)
+        if draws and getattr(sched, "_refdiff_drawn", None) is not None:
+            sched._refdiff_drawn.append(draws[-1])
+        return out
+
+    def noise_recorder(self, sched, x):
+        sched._refdiff_drawn = []
+        return sched._refdiff_drawn
+
+    def hypotheses(self, sched, table, config, variant):
+        return {"diffusers-12633": Hypothesis("prev_t = t - T // N (diffusers #12633, #11347)", "sampler",
+                                              _SDEDPM2MToTMinusTOverN(_t_minus_T_over_N(sched, table)))}
+
+
+class _DDIMInverse(_Adapter):
+    """DDIM inversion (refdiff.editing.ddim_invert's step: DDIM(eta = 0) on the grid reversed): the timesteps ascend
+    and the step at t goes from t - T // N (the table's first level below 0, set_alpha_to_one=False as the Stable
+    Diffusion configurations have it) to t. The check passes the model output at the step's start; diffusers'
+    inversion pipelines evaluate the network at the target timestep instead (an approximation outside the
+    scheduler). From the data (set_alpha_to_one=True) diffusers takes the model's eps as it is, which no noisy-level
+    reading defines: not run."""
+
+    name = "DDIMInverseScheduler"
+    spacings = ("leading", "trailing")
+
+    def make(self, config, variant):
+        return self.cls(**config, set_alpha_to_one=False, clip_sample=False)
+
+    def _starts(self, sched, table):
+        T, n = sched.config.num_train_timesteps, sched.num_inference_steps
+        return [_level(table, max(int(t) - T // n, 0)) for t in np.asarray(sched.timesteps)]
+
+    def grid(self, sched, table):
+        ts = np.asarray(sched.timesteps)
+        return Grid([_level(table, 0)] + [_level(table, t) for t in ts], inversion=True)
+
+    def grid_findings(self, sched, config, kw, ref):
+        want = S.timesteps(kw["num_train_timesteps"], config["steps"], kw.get("timestep_spacing", "leading"),
+                           kw.get("steps_offset", 0), family="ddim")[::-1]
+        return [TB.compare_timesteps(_numpy(sched.timesteps), want)]
+
+    def sampler(self, sched, table, grid, variant=""):
+        return DDIM(0.0)
+
+    def x_T_scale(self, sched, grid) -> float:
+        return 1.0                                 # a data-scale start at the least noisy level
+
+    def hypotheses(self, sched, table, config, variant):
+        """The inverse of DDIM's #12633: each step starts from t - T // N, not from where the last one ended."""
+        pairs = list(zip(self._starts(sched, table), self.grid(sched, table).levels[1:]))
+        return {"diffusers-12633": Hypothesis("each step starts at t - T // N (the inverse of diffusers #12633)",
+                                              "pairs", pairs)}
+
+
+class _DPMSolverPPSkippedLast(DPMSolverPP):
+    """DPM-Solver++ whose order plan (lower_order_final below 15 steps) counts one more step than the grid has: the
+    target's null last step, which the replay skips."""
+
+    def step_order(self, state, grid):
+        return multistep_order(self.order, state.step, len(grid) + 1, grid.levels[state.step + 1].is_data,
+                               self.lower_order_final)
+
+
+class _DPMInverse(_Adapter):
+    """DPM-Solver++ multistep run towards the noise (refdiff.samplers.DPMSolverPP on an inversion grid, h < 0): the
+    timesteps ascend from the table's start and a last level at the noisiest timestep closes the grid. The model
+    output is passed at the step's start level (see _DDIMInverse)."""
+
+    name = "DPMSolverMultistepInverseScheduler"
+    lambda_terms = True
+    variants = {"2M": dict(algorithm_type="dpmsolver++", solver_order=2),
+                "3M": dict(algorithm_type="dpmsolver++", solver_order=3)}
+
+    def make(self, config, variant):
+        return self.cls(**config, **self.variants[variant])
+
+    def grid(self, sched, table):
+        sig = sched.sigmas.double().numpy()
+        ts = list(np.asarray(sched.timesteps)) + [int(sched.noisiest_timestep)]
+        if self._null_last_step(sched):
+            sig, ts = sig[:-1], ts[:-1]
+        a = 1.0 / np.sqrt(1.0 + sig * sig)
+        return Grid([Level(int(t), ai, s * ai, -2.0 * np.log(s)) for t, s, ai in zip(ts, sig, a)], inversion=True)
+
+    def _grid_findings(self, sched, config, kw, ref):
+        """Its sigmas are the table's at its own timesteps, then the noisiest level (float32 table bound)."""
+        if ref is None:
+            return []
+        ts = np.append(_numpy(sched.timesteps), sched.noisiest_timestep)
+        return [TB.compare_sigmas(_numpy(sched.sigmas), TB.table_sigmas(ref.alphas_cumprod, ts),
+                                  TB.table_sigma_bound(ref.alphas_cumprod, ref.bound, ts))]
+
+    def sampler(self, sched, table, grid, variant=""):
+        if self._null_last_step(sched):          # the order plan counts the skipped step, as diffusers' does
+            return _DPMSolverPPSkippedLast(sched.config.solver_order)
+        return DPMSolverPP(sched.config.solver_order)
+
+    def x_T_scale(self, sched, grid) -> float:
+        return 1.0
+
+    def hypotheses(self, sched, table, config, variant):
+        if sched.config.solver_order != 3:
+            return {}
+        cls = _DPMSolverPPSkippedLast if self._null_last_step(sched) else DPMSolverPP
+        return {"dpmsolver-3m-halved-d2": Hypothesis(
+            "the released DPM-Solver++ 3M update halves the D'' term (local error O(h^3): global order 2)",
+            "sampler", cls(3, halved_d2=True))}
+
+    @staticmethod
+    def _null_last_step(sched) -> bool:
+        sig = _numpy(sched.sigmas)
+        return len(sig) > 1 and sig[-1] == sig[-2]
+
+    def _null_step_change(self, config) -> float:
+        """Run the target alone (float32, the oracle's outputs at its own levels) and return max |x_out - x_in| of
+        its last step (the null one): 0 when it returns the sample unchanged, inf / nan when it is not finite."""
+        import torch
+
+        sched = self.make(self.scheduler_config(config), config.get("variant", next(iter(self.variants))))
+        sched.set_timesteps(config["steps"])
+        model, sig = self.model(config["prediction_type"]), _numpy(sched.sigmas)
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 4))).to(torch.float32)
+        change = 0.0
+        for i, t in enumerate(sched.timesteps):
+            a = 1.0 / np.sqrt(1.0 + sig[i] ** 2)
+            m = model(x.double().numpy(), Level(int(t), a, sig[i] * a, None))
+            out = sched.step(torch.from_numpy(np.asarray(m)).to(torch.float32), t, x).prev_sample
+            with np.errstate(invalid="ignore"):
+                change = float(np.max(np.abs(out.double().numpy() - x.double().numpy())))
+            x = out
+        return change if np.isfinite(change) else float("nan")
+
+    def calls(self, sched) -> list:
+        """A last step from the noisiest level to itself (h = 0) is not replayed: grid_findings runs it and checks
+        that it returns the sample unchanged."""
+        ts = list(sched.timesteps)
+        return ts[:-1] if self._null_last_step(sched) else ts
+
+    def grid_findings(self, sched, config, kw, ref):
+        out = self._grid_findings(sched, config, kw, ref)
+        if self._null_last_step(sched):
+            ts = _numpy(sched.timesteps)
+            moved = self._null_step_change(config)
+            if moved != 0.0:
+                import torch
+
+                # the mechanism, checked in float32: a third-order last step (no lower_order_final from 15 steps on)
+                # forms r0 = h0 / h = inf and r0 / (r0 + r1) = inf / inf = NaN
+                h0 = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(0.0, dtype=torch.float32)
+                third = sched.config.solver_order == 3 and len(ts) >= 15
+                known = third and not np.isfinite(moved) and bool(torch.isnan(h0 / (h0 + 1.0)))
+                out.append(Finding(
+                    "nonfinite" if not np.isfinite(moved) else "step",
+                    f"with timestep_spacing='trailing' the last step goes from the noisiest level to itself (h = 0), "
+                    f"and there the target changes the sample by {moved:.3g} (max abs) instead of returning it"
+                    + (": its third-order update forms r0 = h0 / h = inf and r0 / (r0 + r1) = inf / inf = NaN, so "
+                       "the whole inverted latent is NaN" if known else ""),
+                    explained=known, id="diffusers-dpm-inverse-trailing-3m-nan" if known else None,
+                    evidence={"timesteps": ts.tolist(), "change": moved}))
+                return out
+            out.append(Finding(
+                "grid", f"with timestep_spacing='trailing' the timesteps run {ts[0]:g} .. {ts[-1]:g} and the closing "
+                        f"level is the noisiest timestep {sched.noisiest_timestep} again: the last step goes from a "
+                        "level to itself (h = 0, one model call that changes nothing; with 1 step nothing is "
+                        f"inverted), and the first starts at t = {ts[0]:g}, not at the table's start",
+                explained=True, id="diffusers-dpm-inverse-trailing",
+                evidence={"timesteps": ts.tolist(), "sigmas": _numpy(sched.sigmas).tolist()}))
+        return out
+
+
+class _IPNDMTransfer(Sampler):
+    """iPNDM (Zhang & Chen 2023): Adams-Bashforth of order min(4, step + 1) with the fixed equal-step weights over
+    the past noise predictions, E = sum_j w_j eps_j, then PNDM's transfer x' = alpha' (x - sigma E) / alpha + sigma' E.
+    The same method as refdiff.samplers.IPNDM(4) (there d = eps in x / alpha; tested equal), written so that a first
+    level at alpha = 0 is defined: x - sigma eps = alpha D, so the first step's x0 is the model's D.
+    ``zero_x0_at_snr0``: the x0 read there as 0 instead (a hypothesis of the check)."""
+
+    history_needed = 0
+    order = 4
+    snr_zero_start = True
+
+    def __init__(self, zero_x0_at_snr0: bool = False):
+        self.zero_x0_at_snr0 = bool(zero_x0_at_snr0)
+        self.name = "iPNDM(transfer form)" + (", x0 = 0 at alpha = 0" if zero_x0_at_snr0 else "")
+
+    def step(self, ctx, cur, nxt, state):
+        x = ctx.x
+        D = ctx.denoise(x, cur)
+        eps = (x - D * cur.alpha) * (1.0 / np.asarray(cur.sigma))
+        past = tuple(state.extra.get("eps", ()))
+        k = min(4, len(past) + 1)
+        w = AB_WEIGHTS[k]
+        E = eps * w[0]
+        for wj, ej in zip(w[1:], past):
+            E = E + ej * wj
+        if np.all(np.asarray(cur.alpha) == 0.0):
+            if k != 1:
+                raise ValueError("alpha = 0 is only defined at the first level")
+            pred = D * 0.0 if self.zero_x0_at_snr0 else D
+        else:
+            pred = (x - E * cur.sigma) * (1.0 / np.asarray(cur.alpha))
+        return pred * nxt.alpha + E * nxt.sigma, {"order": k, "eps": ((eps,) + past)[:3]}
+
+
+class _IPNDM(_Adapter):
+    """diffusers' IPNDMScheduler: iPNDM on its own trigonometric levels sigma = sin^2(s pi / 2), alpha =
+    sqrt(1 - sigma^2) for s = 1 .. 0 in n equal steps (so the first level has alpha = 0), the network read as v
+    (ets = sigma x + alpha v is its eps). No beta table, no prediction_type option."""
+
+    name = "IPNDMScheduler"
+    predictions = ("v_prediction",)
+    schedules = ("trig",)
+    spacings = ("-",)
+
+    def scheduler_config(self, config):
+        return {}
+
+    def supports(self, config):
+        return True
+
+    def table(self, sched):
+        return None
+
+    def grid(self, sched, table):
+        a, b = sched.alphas.double().numpy(), sched.betas.double().numpy()
+        ts = list(_numpy(sched.timesteps)) + [0.0]
+        with np.errstate(divide="ignore"):
+            return Grid(Level(t, ai, bi, 2.0 * (np.log(ai) - np.log(bi))) for t, ai, bi in zip(ts, a, b))
+
+    def grid_findings(self, sched, config, kw, ref):
+        """sigma = sin(s pi / 2)^2 at s = linspace(1, 0, n + 1): float32 s (u s), the sine (u theta cot theta + u)
+        and the square (twice that, plus u): within 8 u relative."""
+        n = config["steps"]
+        want = np.sin(np.linspace(1.0, 0.0, n + 1) * np.pi / 2.0) ** 2
+        return [TB.compare_sigmas(_numpy(sched.betas), want, np.full(n + 1, 8.0 * TB.U32), what="sigmas (betas)")]
+
+    def sampler(self, sched, table, grid, variant=""):
+        return _IPNDMTransfer()
+
+    def hypotheses(self, sched, table, config, variant):
+        return {"diffusers-ipndm-snr0-x0": Hypothesis(
+            "at the first level (alpha = 0) the x0 prediction (x - sigma ets) / max(alpha, 1e-8) is 0 / 1e-8 = 0, "
+            "dropping the model's D (its v output enters only through ets = x there)", "sampler",
+            _IPNDMTransfer(zero_x0_at_snr0=True))}
+
+
+class _PLMSDiffusers(Sampler):
+    """PLMS as diffusers' PNDMScheduler runs it (a hypothesis of the check): every step goes from t to t - T // N
+    (``targets``), the Heun warm-up's Euler point too, and its corrected step from t1 + T // N to t1 (``heun_from``);
+    with ``raw_v`` the Adams-Bashforth combination is taken over the raw v outputs and converted to eps only at the
+    step's start (eps = alpha v + sigma x), where the paper combines noise predictions."""
+
+    history_needed = 0
+    order = 4
+
+    def __init__(self, targets, heun_from, raw_v: bool):
+        self.targets, self.heun_from, self.raw_v = targets, heun_from, bool(raw_v)
+        self.name = "PLMS (diffusers' stepping" + (", AB over raw v)" if raw_v else ")")
+
+    def _out(self, ctx, x, level):
+        """The quantity combined: eps, or the raw v = (alpha x - D) / sigma."""
+        D = ctx.denoise(x, level)
+        if self.raw_v:
+            return (x * level.alpha - D) * (1.0 / np.asarray(level.sigma))
+        return (x - D * level.alpha) * (1.0 / np.asarray(level.sigma))
+
+    def _eps(self, combo, x, level):
+        return combo * level.alpha + x * level.sigma if self.raw_v else combo
+
+    def step(self, ctx, cur, nxt, state):
+        from ...samplers.pndm import _transfer
+
+        x, i = ctx.x, state.step
+        past = tuple(state.extra.get("m", ()))
+        m = self._out(ctx, x, cur)
+        if i == 0:                    # Euler to t0 - T // N, the model at t1 there, Heun from t1 + T // N to t1
+            x_e = _transfer(x, self._eps(m, x, cur), cur, self.targets[0])
+            m2 = self._out(ctx, x_e, nxt)
+            start = self.heun_from
+            return _transfer(x, self._eps((m + m2) * 0.5, x, start), start, nxt), {"order": 2, "m": (m,)}
+        k = min(len(past) + 1, 4)
+        w = AB_WEIGHTS[k]
+        combo = m * w[0]
+        for wj, e in zip(w[1:], past):
+            combo = combo + e * wj
+        return _transfer(x, self._eps(combo, x, cur), cur, self.targets[i]), {"order": k, "m": (m,) + past[:2]}
+
+
+class _PNDM(_Adapter):
+    """PNDMScheduler with skip_prk_steps=True (PLMS, Stable Diffusion's setting; refdiff.samplers.PNDM("plms")): a
+    Heun warm-up (two calls), then AB2, AB3, AB4 on the noise prediction with PNDM's transfer (formula (9)). diffusers
+    lists the warm-up's second timestep twice (n + 1 calls for n steps); with one step it makes one call, the
+    warm-up's Euler (DDIM) step alone, which is what the check runs then."""
+
+    name = "PNDMScheduler"
+    predictions = ("epsilon", "v_prediction")          # diffusers raises for "sample"
+
+    def make(self, config, variant):
+        self.v_prediction = config.get("prediction_type") == "v_prediction"      # read by formula_terms
+        return self.cls(**config, skip_prk_steps=True, set_alpha_to_one=False)
+
+    @staticmethod
+    def _null_last_step(sched) -> bool:
+        """linspace spacing lists t = 0 last, and with set_alpha_to_one=False its step goes to alpha_bar_0 again."""
+        return int(sched.timesteps[-1]) == 0 and not sched.config.set_alpha_to_one
+
+    def calls(self, sched):
+        ts = list(sched.timesteps)
+        return ts[:-1] if self._null_last_step(sched) else ts
+
+    def grid(self, sched, table):
+        starts = self.step_starts(np.asarray(self.calls(sched)))   # the repeated warm-up timestep is one level
+        return Grid([_level(table, t) for t in starts] + [_level(table, 0)])
+
+    def step_starts(self, ts):
+        return np.concatenate([ts[:1], ts[2:]])
+
+    def table_findings(self, sched, config):
+        out = super().table_findings(sched, config)
+        if self._null_last_step(sched):
+            only = len(sched.timesteps) == 1
+            out.append(Finding(
+                "grid", "linspace spacing lists t = 0 last and, with set_alpha_to_one=False, that step goes from "
+                        "alpha_bar_0 to alpha_bar_0: formula (9) returns the sample unchanged (alpha_bar_prev - "
+                        "alpha_bar_t = 0 exactly), " + ("and with one step it is the only one: the noise x_T comes "
+                                                         "back as the result" if only else
+                                                         "one model call of the n + 1 that does nothing")
+                        + "; not replayed",
+                explained=True, id="diffusers-pndm-linspace-null-step",
+                evidence={"timesteps": _numpy(sched.timesteps).tolist()}))
+        return out
+
+    def grid_findings(self, sched, config, kw, ref):
+        spacing = kw.get("timestep_spacing", "linspace")
+        want = S.timesteps(kw["num_train_timesteps"], config["steps"], spacing, kw.get("steps_offset", 0),
+                           family=self.timestep_family)
+        return [TB.compare_timesteps(self.step_starts(_numpy(sched.timesteps)), want)]
+
+    def sampler(self, sched, table, grid, variant=""):
+        # one step: diffusers lists one timestep and takes the warm-up's Euler step alone, the DDIM step
+        return DDIM(0.0) if len(sched.timesteps) == 1 else PNDM("plms")
+
+    def formula_terms(self, ctx, cur, nxt, state, extra):
+        """Formula (9) forms alpha_bar_prev - alpha_bar_t in float32 (error u (alpha_bar_prev + alpha_bar_t)) and
+        divides by alpha_bar_t sqrt(1 - alpha_bar_prev) + sqrt(alpha_bar_t (1 - alpha_bar_t) alpha_bar_prev): the
+        term is |combined eps| (alpha_bar_prev + alpha_bar_t) / that, bounded by sum |w| max |eps_j|."""
+        ab_t, ab_p = np.asarray(cur.alpha) ** 2, np.asarray(nxt.alpha) ** 2
+        den = ab_t * np.sqrt(1.0 - ab_p) + np.sqrt(ab_t * (1.0 - ab_t) * ab_p)
+        eps = [np.abs(e.v) for e in extra.get("eps", ())]
+        if not eps:                          # the one-step DDIM: the eps of its one evaluation
+            D = ctx.evaluated[0].v
+            eps = [np.abs(ctx.x.v - D * np.asarray(cur.alpha)) / np.asarray(cur.sigma)]
+        big = np.max(np.stack(eps), axis=0) * sum(abs(w) for w in AB_WEIGHTS[max(1, min(extra.get("order", 1), 4))])
+        out = big * (ab_p + ab_t) / den
+        if getattr(self, "v_prediction", False):
+            # v is turned into eps = alpha v + sigma x in float32 (two rounded coefficients, a product each, a sum:
+            # 3 u of |alpha v| + |sigma x| <= |eps| + 2 |sigma x|), then scaled by (9)'s eps coefficient, which
+            # cancels against sqrt(alpha_bar_prev / alpha_bar_t) x when alpha_t is small
+            c = np.abs(ab_p - ab_t) / den
+            out = out + 3.0 * c * (big + 2.0 * np.abs(np.asarray(cur.sigma)) * np.abs(ctx.x.v))
+        return out
+
+    def hypotheses(self, sched, table, config, variant):
+        T, n = sched.config.num_train_timesteps, sched.num_inference_steps
+        grid = self.grid(sched, table)
+        if len(grid.levels) == 2 and len(self.calls(sched)) == 1:
+            return {}                            # one step: the DDIM step, to t - T // N = the end
+        final = grid.levels[-1]
+        targets = [final if int(lv.t) - T // n < 0 else _level(table, int(lv.t) - T // n) for lv in grid.levels[:-1]]
+        heun_from = _level(table, int(sched.timesteps[1]) + T // n)      # the warm-up's second listed timestep
+        stepping = "steps to t - T // N, the warm-up corrected from t1 + T // N (diffusers #12633's convention)"
+        raw_v = "the Adams-Bashforth combination taken over raw v outputs, converted to eps at the step's start"
+        if config["prediction_type"] != "v_prediction":
+            return {"diffusers-12633": Hypothesis(f"PLMS {stepping}", "sampler",
+                                                  _PLMSDiffusers(targets, heun_from, False))}
+        return {"diffusers-pndm-raw-v": Hypothesis(f"PLMS with {raw_v}", "sampler",
+                                                   _PLMSDiffusers(grid.levels[1:], grid.levels[0], True)),
+                "diffusers-pndm-raw-v+12633": Hypothesis(f"PLMS with {raw_v}; it {stepping}", "sampler",
+                                                         _PLMSDiffusers(targets, heun_from, True))}
+
+
 class _DDPMParallel(_DDPM):
     """DDPMScheduler's batched-timestep variant (ParaDiGMS); its step() is DDPM's."""
 
@@ -1040,7 +1514,9 @@ class _DDPMParallel(_DDPM):
 
 SCHEDULERS = {a.name: a for a in (_DDIM, _DDPM, _DPMMultistep, _DPMSinglestep, _DPMSDE, _UniPC, _DEIS, _Euler, _EulerA,
                                   _Heun, _KDPM2, _LMS, _EDMEuler, _FlowMatchEuler, _DDIMParallel, _DDPMParallel,
-                                  _KDPM2A, _FlowMatchHeun, _EDMDPM, _LCM, _TCD, _CM)}
+                                  _KDPM2A, _FlowMatchHeun, _EDMDPM, _LCM, _TCD, _CM, _CogVideoXDDIM,
+                                  _CogVideoXDPM, _DDIMInverse, _DPMInverse,
+                                  _CosineDPM, _IPNDM, _PNDM)}
 
 _DISCRETE = "discrete-token (masked / uniform corruption) generation over a vocabulary: no continuous diffusion " \
             "maths to judge, out of scope"
@@ -1050,24 +1526,16 @@ NOT_MAPPED_REASONS = {
     "EntropyBoundScheduler": _DISCRETE, "DiscreteDDIMScheduler": _DISCRETE,
     "UnCLIPScheduler": "deprecated by diffusers (\"do not use\"): DDPMScheduler covers it",
     "RePaintScheduler": "inpainting resampling loop (jumps back in time inside a mask): not a sampler on a grid",
-    "PNDMScheduler": "not mapped yet: an adapter replaying refdiff.samplers.PNDM agreed on 64 of 172 cases (leading "
-                     "spacing, eps); the rest differ by three diffusers conventions still to be written as "
-                     "hypotheses: with v_prediction the Adams-Bashforth combination is taken over raw v outputs and "
-                     "converted to eps at the current step; steps go to t - T // N (and PLMS's second call from t1 + "
-                     "T // N), as DDIM's #12633, on non-uniform spacings; formula (9) forms alpha_bar_prev - "
-                     "alpha_bar_t in float32",
-    "IPNDMScheduler": "not mapped yet (refdiff.samplers.IPNDM is the k-diffusion form)",
     "SASolverScheduler": "not mapped yet (refdiff.samplers.SASolver)",
     "SCMScheduler": "not mapped yet: its default max_timesteps 1.5708 lies past pi / 2, so the first TrigFlow level "
                     "has alpha = cos t = -3.7e-6 < 0, which the exact consistency oracle refuses; and "
                     "set_timesteps(n) with its default intermediate_timesteps = 1.3 raises for every n != 2",
     "FlowMatchLCMScheduler": "not mapped yet: needs the consistency-function oracle on flow levels",
-    "CosineDPMSolverMultistepScheduler": "not mapped yet (DPM-Solver++ on the cosine schedule in sigma)",
-    "DDIMInverseScheduler": "not mapped yet (refdiff.inversion)",
-    "DPMSolverMultistepInverseScheduler": "not mapped yet (inversion grid)",
-    "CogVideoXDDIMScheduler": "not mapped yet (DDIM with CogVideoX's SNR shift)",
-    "CogVideoXDPMScheduler": "not mapped yet (DPM-Solver with CogVideoX's SNR shift)",
-    "ScoreSdeVeScheduler": "not mapped yet (refdiff.samplers.PredictorCorrector on the VE SDE)",
+    "ScoreSdeVeScheduler": "not mapped yet: its own loop (step_correct n times, then step_pred, per timestep); its "
+                           "predictor is the reverse-diffusion (ancestral) step x + (s_i^2 - s_(i-1)^2) score + "
+                           "sqrt(s_i^2 - s_(i-1)^2) z over discrete sigmas, and its Langevin step size uses the "
+                           "batch-mean norm ratio (score_sde's), where refdiff.samplers.PredictorCorrector has "
+                           "Euler-Maruyama and per-sample norms; the rounding bound of a norm ratio is also to write",
     "KarrasVeScheduler": "deprecated stochastic EDM sampler (EDMEulerScheduler with churn is checked)",
     "DDPMWuerstchenScheduler": "Wuerstchen's own continuous-time cosine parametrization: not mapped yet",
     "LTXEulerAncestralRFScheduler": "not mapped yet (ancestral Euler on rectified-flow levels)",
