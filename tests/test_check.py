@@ -37,11 +37,12 @@ def _explained(case, fid):
 # the 3M, churn and UniPC bh1 variants, TCD (its last step stops at t = 0) and CM (float32 noise at the boundary)
 # disagree by design (findings, tested below)
 # the DPM-Solver inverse on its default trailing spacing ends with a null step, and IPNDM drops the model's x0 at
-# its alpha = 0 start (findings, tested below)
+# its alpha = 0 start, SA-Solver's order-2 steps carry its released Taylor weights, ScoreSdeVe's one step runs at
+# sigma_min (findings, tested below)
 AGREEING = [(name, variant) for name, cls in DS.SCHEDULERS.items() for variant in cls.variants
             if variant not in ("3M", "churn", "bh1") and name not in (
                 "TCDScheduler", "CMStochasticIterativeScheduler", "DPMSolverMultistepInverseScheduler",
-                "IPNDMScheduler")]
+                "IPNDMScheduler", "SASolverScheduler", "ScoreSdeVeScheduler")]
 
 
 @pytest.mark.parametrize("name,variant", AGREEING, ids=lambda v: v or "default")
@@ -185,7 +186,7 @@ def test_cli_writes_reports_and_saves_failing_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["collections:OrderedDict", "diffusers:NoSuchScheduler", "no_such_module:x",
-                                    "diffusers:SASolverScheduler", "protocol_scheduler:NoSampler"])
+                                    "diffusers:FlowMapEulerDiscreteScheduler", "protocol_scheduler:NoSampler"])
 def test_unknown_targets_exit_2(target, capsys):
     assert cli.main(["check", target]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
@@ -374,7 +375,7 @@ def test_current_diffusers_passes_the_gate_with_its_explained_findings_accepted(
 
 
 def test_unmapped_diffusers_schedulers_and_typos_are_named(capsys):
-    assert cli.main(["check", "diffusers:SASolverScheduler"]) == cli.EXIT_USAGE
+    assert cli.main(["check", "diffusers:FlowMapEulerDiscreteScheduler"]) == cli.EXIT_USAGE
     assert "does not map yet" in capsys.readouterr().err
     assert cli.main(["check", "diffusers:EulerDiscreteSchedular"]) == cli.EXIT_USAGE
     assert "did you mean 'EulerDiscreteScheduler'" in capsys.readouterr().err
@@ -694,3 +695,144 @@ def test_pndm_planted_coefficient_error_is_caught(monkeypatch):
     adapter = DS.SCHEDULERS["PNDMScheduler"](diffusers)
     case = DS.run_case(adapter, _config(adapter, 10, timestep_spacing="leading"))
     assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "step", case["finding"]
+
+
+@pytest.mark.parametrize("variant", ["2/2", "3/3"])
+@pytest.mark.parametrize("steps", [1, 10, 25])
+def test_sa_solver_agrees_with_its_released_order_2_weights(variant, steps):
+    """diffusers' SA-Solver (tau = 1 on timesteps 200..800: stochastic steps with the recorded noise) agrees with
+    refdiff's stochastic Adams predictor-corrector once its order-2 steps use the released code's Taylor weights;
+    one step (first order, no corrector) agrees with the paper form as it is."""
+    adapter = DS.SCHEDULERS["SASolverScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, steps, variant=variant))
+    if steps == 1:
+        assert case["verdict"] == "pass", case["finding"]
+    else:
+        assert _explained(case, "sa-solver-order2-taylor"), case["finding"]
+        assert max(case["findings"][0]["evidence"]["per_step_ratio_under_hypothesis"]) <= 1.0
+
+
+def test_sa_solver_planted_error_is_caught(monkeypatch):
+    import functools
+
+    real = diffusers.SASolverScheduler.stochastic_adams_bashforth_update
+
+    @functools.wraps(real)
+    def off(self, *a, **k):
+        return real(self, *a, **k) * (1 + 1e-4)
+    monkeypatch.setattr(diffusers.SASolverScheduler, "stochastic_adams_bashforth_update", off)
+    adapter = DS.SCHEDULERS["SASolverScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10, variant="3/3"))
+    assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "step", case["finding"]
+
+
+def test_flow_match_lcm_wrong_renoising_is_caught(monkeypatch):
+    """FlowMatchLCM agrees (the mapped-scheduler test); re-noising with sigma' scaled by 1 + 1e-4 is a step
+    finding: the recorded noise makes the stochastic step as exact as a deterministic one."""
+    import functools
+
+    real = diffusers.FlowMatchLCMScheduler.step
+
+    @functools.wraps(real)
+    def off(self, model_output, timestep, sample, **kw):
+        i = self.step_index or 0
+        self.sigmas[i + 1] = self.sigmas[i + 1] * (1 + 1e-4)
+        return real(self, model_output, timestep, sample, **kw)
+    monkeypatch.setattr(diffusers.FlowMatchLCMScheduler, "step", off)
+    adapter = DS.SCHEDULERS["FlowMatchLCMScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 4))
+    assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "step", case["finding"]
+
+
+@pytest.mark.parametrize("steps", [2, 10, 50])
+def test_score_sde_ve_predictor_corrector_agrees(steps):
+    """ScoreSdeVe driven as its pipeline does (a Langevin corrector call, then the reverse-diffusion predictor, per
+    level; the score as the model output): every step within the bound, the step size's norms included."""
+    adapter = DS.SCHEDULERS["ScoreSdeVeScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, steps))
+    assert case["verdict"] == "pass", case["finding"]
+    assert case["sigmas"][0] == pytest.approx(1348.0, rel=1e-6)
+
+
+def test_score_sde_ve_one_step_runs_at_sigma_min():
+    adapter = DS.SCHEDULERS["ScoreSdeVeScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 1))
+    assert _explained(case, "diffusers-score-sde-ve-one-step"), case["finding"]
+    assert case["sigmas"][0] == pytest.approx(0.01, rel=1e-6)
+
+
+def test_score_sde_ve_per_sample_step_sizes_are_caught(monkeypatch):
+    """Langevin step sizes from per-sample norm ratios (refdiff.samplers.PredictorCorrector's form) instead of
+    score_sde's batch means: the corrector disagrees beyond the bound."""
+    from diffusers.schedulers import scheduling_sde_ve as M
+
+    def per_sample(self, model_output, sample, generator=None, return_dict=True):
+        noise = M.randn_tensor(sample.shape, generator=generator)         # the module's: the check records it
+        ratio = noise.norm(dim=-1, keepdim=True) / model_output.norm(dim=-1, keepdim=True)
+        step = 2.0 * (self.config.snr * ratio) ** 2
+        return diffusers.schedulers.scheduling_utils.SchedulerOutput(
+            prev_sample=sample + step * model_output + (2.0 * step) ** 0.5 * noise)
+    monkeypatch.setattr(diffusers.ScoreSdeVeScheduler, "step_correct", per_sample)
+    adapter = DS.SCHEDULERS["ScoreSdeVeScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10))
+    assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "step", case["finding"]
+
+
+def test_score_sde_ve_reproducer_drives_corrector_and_predictor(tmp_path, monkeypatch):
+    import functools
+    import subprocess
+    import sys
+
+    from refdiff.check.reproducer import write_reproducers
+
+    real = diffusers.ScoreSdeVeScheduler.step_pred
+
+    @functools.wraps(real)
+    def off(self, *a, **kw):
+        out = real(self, *a, **kw)
+        out.prev_sample = out.prev_sample * (1 + 1e-4)
+        return out
+    monkeypatch.setattr(diffusers.ScoreSdeVeScheduler, "step_pred", off)
+    adapter = DS.SCHEDULERS["ScoreSdeVeScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 5))
+    assert case["verdict"] == "fail" and case["reproducer"]["build"]["call"] == "score-sde-pc:1"
+    monkeypatch.undo()
+    (script,) = write_reproducers({"cases": [case]}, tmp_path)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "not reproduced" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 25])
+def test_scm_trigflow_multistep_agrees(steps):
+    """sCM on TrigFlow (sigma_d = 0.5) from just below pi / 2: x0 = cos(s) x - sin(s) F with the exact consistency
+    function of a Gaussian, re-noised with the recorded float32 draws; two steps through its t = 1.3."""
+    adapter = DS.SCHEDULERS["SCMScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, steps))
+    assert case["verdict"] == "pass", case["finding"]
+    assert case["end_to_end_max_abs"] < 1e-5
+
+
+def test_scm_planted_error_is_caught_and_reproduced(tmp_path, monkeypatch):
+    """A step scaled by 1 + 1e-4 is a step finding; the reproducer script (its own set_timesteps arguments, the
+    list's final t = 0 not called, the generator's float32 draws) agrees with the unpatched diffusers."""
+    import functools
+    import subprocess
+    import sys
+
+    from refdiff.check.reproducer import write_reproducers
+
+    real = diffusers.SCMScheduler.step
+
+    @functools.wraps(real)
+    def off(self, *a, **kw):
+        out = real(self, *a, **kw)
+        out.prev_sample = out.prev_sample * (1 + 1e-4)
+        return out
+    monkeypatch.setattr(diffusers.SCMScheduler, "step", off)
+    adapter = DS.SCHEDULERS["SCMScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 4))
+    assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "step", case["finding"]
+    monkeypatch.undo()
+    (script,) = write_reproducers({"cases": [case]}, tmp_path)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "not reproduced" in res.stdout, res.stdout + res.stderr

@@ -290,7 +290,8 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
             build = {"factory": adapter.name, "config": adapter.scheduler_config(config)}
         else:
             build = {"scheduler": adapter.name, "config": dict(sched.config),
-                     "call": getattr(adapter, "step_call", "plain")}
+                     "call": getattr(adapter, "step_call", "plain"),
+                     "set_timesteps": getattr(adapter, "set_timesteps_kwargs", lambda n: {})(config["steps"])}
         extra["reproducer"] = diffusers_payload(build, config, x_T, seed, recorded)
     return done(extra)
 

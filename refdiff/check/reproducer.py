@@ -204,7 +204,15 @@ def build(spec):
 
 def main():
     sched = build(DATA["build"])
-    sched.set_timesteps(DATA["steps"])
+    sched.set_timesteps(DATA["steps"], **DATA["build"].get("set_timesteps", {{}}))
+    call = DATA["build"].get("call", "plain")
+    calls = list(sched.timesteps)
+    if call == "drop-last":                    # a list that ends with the final level (SCM): no call there
+        calls = calls[:-1]
+    if call.startswith("score-sde-pc:"):       # ScoreSdeVe: the pipeline's n corrector calls, then the predictor
+        n_corr = int(call.split(":")[1])
+        sched.set_sigmas(DATA["steps"])
+        calls = [t for t in calls for _ in range(n_corr + 1)]
     dtype = getattr(torch, DATA["dtype"])
     x = torch.tensor(DATA["x_T"], dtype=torch.float32).to(dtype)
     gen = torch.Generator().manual_seed(DATA["seed"])
@@ -212,16 +220,19 @@ def main():
     starts = {{k: x0 for k, x0 in DATA["starts"]}}
     previous = {{}}
     bad = 0
-    for k, (t, m) in enumerate(zip(sched.timesteps, DATA["outputs"])):
+    for k, (t, m) in enumerate(zip(calls, DATA["outputs"])):
         if k in starts:                # each step from the target's own state in the recorded run, as the check
             x = torch.tensor(starts[k], dtype=torch.float64).to(dtype)
         if hasattr(sched, "scale_model_input"):
             sched.scale_model_input(x, t)
         kw = dict(DATA["step_kwargs"], **({{"generator": gen}} if DATA["generator"] else {{}}))
         m = torch.tensor(m, dtype=torch.float64).to(dtype)
-        if DATA["build"].get("call") == "previous-x0":     # CogVideoX's DPM: step(output, old x0, t, t_back, x)
+        if call == "previous-x0":     # CogVideoX's DPM: step(output, old x0, t, t_back, x)
             out, x0 = sched.step(m, previous.get("x0"), t, previous.get("t"), x, return_dict=False, **kw)
             previous.update(x0=x0, t=t)
+        elif call.startswith("score-sde-pc:"):
+            pred = k % (n_corr + 1) == n_corr
+            out = (sched.step_pred(m, t, x, **kw) if pred else sched.step_correct(m, x, **kw)).prev_sample
         else:
             out = sched.step(m, t, x, **kw)
             out = out.prev_sample if hasattr(out, "prev_sample") else out[0]

@@ -78,6 +78,11 @@ class SASolver(Sampler):
         self.name = f"SA-Solver(p={predictor_order},c={corrector_order}" + (",tau" if self.stochastic else "") + \
             (",pece)" if pece else ")")
 
+    def _weights(self, nodes, lam_s, lam_t, tau, alpha_t, corrector: bool):
+        """The weights b_i of the step lam_s -> lam_t over ``nodes`` (oldest first); ``corrector``: the corrector's
+        redo of the previous step (its nodes end at lam_t), else the predictor's (they end at lam_s)."""
+        return stochastic_adams_weights(nodes, lam_s, lam_t, tau, alpha_t)
+
     def _orders(self, i, n_evals, n_levels, to_data):
         p = min(self.p, n_evals)
         c = 0 if i == 0 else min(self.c, n_evals)
@@ -107,8 +112,8 @@ class SASolver(Sampler):
         else:                      # redo the previous step s -> this level with the new evaluation and the same noise
             prev = lv[i - 1]
             tau_prev = state.extra["tau"]
-            b = stochastic_adams_weights(lams[-c:], float(np.asarray(prev.lam)), float(np.asarray(cur.lam)),
-                                         tau_prev, float(np.asarray(cur.alpha)))
+            b = self._weights(lams[-c:], float(np.asarray(prev.lam)), float(np.asarray(cur.lam)), tau_prev,
+                              float(np.asarray(cur.alpha)), corrector=True)
             h = float(np.asarray(cur.lam) - np.asarray(prev.lam))
             x = state.extra["x"] * (cur.sigma / prev.sigma * np.exp(-tau_prev ** 2 * h))
             for bi, Di in zip(b, Ds[-c:]):
@@ -123,8 +128,8 @@ class SASolver(Sampler):
             return D * nxt.alpha, {"order": 1, **keep, "noise": None, "tau": 0.0}
         tau = float(self.tau(nxt.sigma_ve))
         h = float(np.asarray(nxt.lam) - np.asarray(cur.lam))
-        b = stochastic_adams_weights(lams[-p:], float(np.asarray(cur.lam)), float(np.asarray(nxt.lam)), tau,
-                                     float(np.asarray(nxt.alpha)))
+        b = self._weights(lams[-p:], float(np.asarray(cur.lam)), float(np.asarray(nxt.lam)), tau,
+                          float(np.asarray(nxt.alpha)), corrector=False)
         out = x * (nxt.sigma / cur.sigma * np.exp(-tau ** 2 * h))
         for bi, Di in zip(b, Ds[-p:]):
             out = out + Di * bi

@@ -18,7 +18,7 @@ from ...convergence import oracle_model
 from ...grids import flow_sigmas
 from ...oracles import ConsistencyOracle, GaussianData, GaussianMixture
 from ...samplers import (CMMultistep, Churn, DDIM, DDPM, DEIS, DPM2, DPM2Ancestral, DPMSolverPP, DPMSolverPP2MSDE,
-                         DPMSolverPPSDE, PNDM,
+                         DPMSolverPPSDE, PNDM, SASolver,
                          DPMSolverPPSinglestep, Euler, EulerAncestral, FlowHeun, Grid, Heun, LCM, LMS, Level,
                          SDEDPMSolverPP2M, TCD, UniPC, model_coeffs)
 from ...samplers.base import Sampler, State
@@ -272,6 +272,39 @@ class _Adapter:
                                explained=True, id="diffusers-12771",
                                evidence={"duplicates": k, "timestep": float(ts[0]), "start_index": int(start)})
         return None
+
+
+class _RecordedStepNoise:
+    """A scheduler whose step() draws its own noise (randn_tensor in diffusers' ``module``), possibly more draws than
+    the method uses: each call is recorded and the draw the step uses (the last; only where ``_keep``) is replayed for
+    the reference, in the dtype the target drew it."""
+
+    module = ""
+
+    def _step(self, sched, m, t, x, kw):
+        return sched.step(m, t, x, **kw)
+
+    def _keep(self, sched, t) -> bool:
+        return True
+
+    def call_step(self, sched, m, t, x, kw):
+        import importlib
+
+        from .pipelines import _record_randn
+
+        draws = []
+        restore = _record_randn(importlib.import_module(f"diffusers.schedulers.{self.module}"), draws)
+        try:
+            out = self._step(sched, m, t, x, kw)
+        finally:
+            restore()
+        if draws and self._keep(sched, t) and getattr(sched, "_refdiff_drawn", None) is not None:
+            sched._refdiff_drawn.append(draws[-1])
+        return out
+
+    def noise_recorder(self, sched, x):
+        sched._refdiff_drawn = []
+        return sched._refdiff_drawn
 
 
 class _DDIM(_Adapter):
@@ -900,6 +933,26 @@ class _FlowMatchHeun(_FlowMatchEuler):
         return FlowHeun()
 
 
+class _FlowMatchLCM(_RecordedStepNoise, _FlowMatchEuler):
+    """diffusers' FlowMatchLCMScheduler: consistency sampling on rectified-flow levels (refdiff.samplers.LCM with no
+    boundary scaling): x0 = x - sigma F, then x' = (1 - sigma') x0 + sigma' z. The model is the exact consistency
+    function of a Gaussian read as a flow output, F = (x - f(x)) / sigma (refdiff.oracles.ConsistencyOracle). Its
+    step casts the sample to float32 and draws the noise there (recorded)."""
+
+    name = "FlowMatchLCMScheduler"
+    module = "scheduling_flow_match_lcm"
+
+    def sampler(self, sched, table, grid, variant=""):
+        return LCM("none")
+
+    def model(self, prediction):
+        oracle = ConsistencyOracle(_gaussian_oracle()).model("flow")
+        return lambda x, level: oracle(x, level)
+
+    def _keep(self, sched, t) -> bool:
+        return sched.step_index < len(sched.timesteps)       # the last step's draw is multiplied by sigma' = 0
+
+
 def _gaussian_oracle():
     """The consistency schedulers' data: one Gaussian (the exact consistency function is closed-form for it)."""
     rng = np.random.default_rng(1)
@@ -1070,6 +1123,79 @@ class _CM(_Adapter):
         return float(sched.init_noise_sigma)
 
 
+class _SCM(_RecordedStepNoise, _Adapter):
+    """sCM multistep sampling on TrigFlow (Lu & Song 2024; refdiff.samplers.CMMultistep("trigflow")): levels
+    x = cos(t) x0 + sin(t) sigma_d z, x0 = cos(s) x - sin(s) F, then cos(t') x0 + sin(t') sigma_d z'. The model is the
+    exact consistency function of a Gaussian. The run starts at the float32 just below pi / 2 (t = 1.5707962):
+    diffusers' default max_timesteps = 1.5708 lies past pi / 2, where alpha = cos t = -3.7e-6 < 0 is no noise level
+    (its effect on x0 is of that size). Two steps use its default intermediate t = 1.3; other step counts a linspace to
+    0 (intermediate_timesteps=None: the default raises for n != 2). Its noise is drawn in float32 (recorded)."""
+
+    name = "SCMScheduler"
+    predictions = ("trigflow",)
+    schedules = ("trigflow",)
+    spacings = ("-",)
+    module = "scheduling_scm"
+    T_MAX = 1.5707962                      # float32 1.57079625..., just below pi / 2
+    INTERMEDIATE = 1.3
+
+    def scheduler_config(self, config):
+        return {}
+
+    def supports(self, config):
+        return True
+
+    def table(self, sched):
+        return None
+
+    step_call = "drop-last"                # how the reproducer script drives it
+
+    def set_timesteps_kwargs(self, n: int) -> dict:
+        return {"max_timesteps": self.T_MAX, "intermediate_timesteps": self.INTERMEDIATE if n == 2 else None}
+
+    def make(self, config, variant):
+        sched = self.cls(**config, sigma_data=self.SIGMA_DATA)
+        set_timesteps = sched.set_timesteps
+        sched.set_timesteps = lambda n, *a, **k: set_timesteps(n, *a, **self.set_timesteps_kwargs(n), **k)
+        return sched
+
+    def grid(self, sched, table):
+        sd = self.SIGMA_DATA
+        t = sched.timesteps.double().numpy()
+        with np.errstate(divide="ignore"):
+            return Grid(Level(v, np.cos(v), sd * np.sin(v), 2.0 * (np.log(np.cos(v)) - np.log(sd * np.sin(v))))
+                        for v in t)
+
+    def grid_findings(self, sched, config, kw, ref):
+        """[t_max, 1.3, 0] for two steps, else linspace(t_max, 0, n + 1), in float32 (a few u)."""
+        n = config["steps"]
+        want = np.array([self.T_MAX, self.INTERMEDIATE, 0.0]) if n == 2 else np.linspace(self.T_MAX, 0.0, n + 1)
+        return [TB.compare_sigmas(_numpy(sched.timesteps), want, np.full(n + 1, 4.0 * TB.U32), what="timesteps")]
+
+    def sampler(self, sched, table, grid, variant=""):
+        return CMMultistep("trigflow", sigma_data=self.SIGMA_DATA)
+
+    SIGMA_DATA = 0.5                       # diffusers' default
+
+    def coeffs(self, prediction, level):
+        return 0.0, 1.0 / self.SIGMA_DATA   # diffusers' F is sigma_d times refdiff's TrigFlow F
+
+    def model(self, prediction):
+        sd = self.SIGMA_DATA
+        oracle = ConsistencyOracle(_gaussian_oracle()).model(
+            "x0", scalings=lambda lv: boundary_scalings("trigflow", lv, sigma_data=sd))
+        return lambda x, level: sd * oracle(x, level)
+
+    def x_T_scale(self, sched, grid):
+        return self.SIGMA_DATA
+
+    def calls(self, sched):
+        return list(sched.timesteps[:-1])        # its list ends with t = 0, where the pipeline stops
+
+    def _keep(self, sched, t) -> bool:
+        return sched.step_index < len(sched.timesteps) - 1   # the last draw is multiplied by sin(0) = 0
+
+
 class _DDIMParallel(_DDIM):
     """DDIMScheduler's batched-timestep variant (ParaDiGMS); its step() is DDIM's, so is its #12633 convention."""
 
@@ -1102,7 +1228,7 @@ class _SDEDPM2MToTMinusTOverN(SDEDPMSolverPP2M):
         return super().step(ctx, cur, self.targets[state.step], state)
 
 
-class _CogVideoXDPM(_CogVideoXDDIM):
+class _CogVideoXDPM(_RecordedStepNoise, _CogVideoXDDIM):
     """CogVideoX's DPM scheduler: SDE-DPM-Solver++(2M) (midpoint form; refdiff.samplers.SDEDPMSolverPP2M) on the
     SNR-shifted table. Its step() takes the previous x0 prediction and the previous timestep (as CogVideoX's
     pipelines pass them); in a second-order step it draws the noise twice and uses the second draw: the recorder
@@ -1114,25 +1240,13 @@ class _CogVideoXDPM(_CogVideoXDDIM):
     def sampler(self, sched, table, grid, variant=""):
         return SDEDPMSolverPP2M()
 
-    def call_step(self, sched, m, t, x, kw):
-        from .pipelines import _record_randn
-        from diffusers.schedulers import scheduling_dpm_cogvideox as module
+    module = "scheduling_dpm_cogvideox"
 
+    def _step(self, sched, m, t, x, kw):
         old, t_back = getattr(sched, "_refdiff_previous", (None, None))
-        draws = []
-        restore = _record_randn(module, draws)
-        try:
-            out, x0 = sched.step(m, old, t, t_back, x, return_dict=False, **kw)
-        finally:
-            restore()
+        out, x0 = sched.step(m, old, t, t_back, x, return_dict=False, **kw)
         sched._refdiff_previous = (x0, t)
-        if draws and getattr(sched, "_refdiff_drawn", None) is not None:
-            sched._refdiff_drawn.append(draws[-1])
         return out
-
-    def noise_recorder(self, sched, x):
-        sched._refdiff_drawn = []
-        return sched._refdiff_drawn
 
     def hypotheses(self, sched, table, config, variant):
         return {"diffusers-12633": Hypothesis("prev_t = t - T // N (diffusers #12633, #11347)", "sampler",
@@ -1506,6 +1620,261 @@ class _PNDM(_Adapter):
                                                          _PLMSDiffusers(targets, heun_from, True))}
 
 
+class _SASolverOrders(SASolver):
+    """SA-Solver (refdiff.samplers.SASolver, data prediction) with diffusers' order plan: with lower_order_final the
+    predictor of step i uses min(p, i + 1, n - i) evaluations and the corrector at step i min(c, i + 1, n - i + 2)
+    (the order chosen one step earlier); ComfyUI lowers only when the grid ends at the data. ``taylor2``: the order-2
+    weights of SA-Solver's released code (diffusers keeps its comment "a modification that does not influence the
+    convergence order similar to UniPC"): the exact second-order integral replaced by its leading Taylor term, i.e.
+    k alpha_t Q moved from the older to the newer evaluation, Q = h^2 / 2 - (k h - 1 + e^{-k h}) / k^2 over
+    (lambda_s - lambda_prev) in the predictor, Q = h / 2 - (k h - 1 + e^{-k h}) / (k^2 h) in the corrector."""
+
+    def __init__(self, p, c, tau, n_steps: int, taylor2: bool = False):
+        super().__init__(p, c, tau)
+        self.n_steps, self.taylor2 = n_steps, bool(taylor2)
+        if taylor2:
+            self.name += "(order-2 Taylor weights)"
+
+    def _orders(self, i, n_evals, n_levels, to_data):
+        p = min(self.p, i + 1, self.n_steps - i)
+        c = 0 if i == 0 else min(self.c, i + 1, self.n_steps - i + 2)
+        return p, c
+
+    def step(self, ctx, cur, nxt, state):
+        out, extra = super().step(ctx, cur, nxt, state)
+        return out, {**extra, "corrector_order": self._orders(state.step, 0, 0, False)[1]}
+
+    def _weights(self, nodes, lam_s, lam_t, tau, alpha_t, corrector):
+        b = super()._weights(nodes, lam_s, lam_t, tau, alpha_t, corrector)
+        if not self.taylor2 or len(nodes) != 2:
+            return b
+        k, h = 1.0 + tau * tau, lam_t - lam_s
+        rest = (k * h + np.expm1(-k * h)) / (k * k)                     # k h - 1 + e^{-k h}, over k^2
+        q = (h / 2.0 - rest / h) if corrector else (h * h / 2.0 - rest) / (nodes[-1] - nodes[-2])
+        b = np.array(b, dtype=np.float64)
+        b[-1] += k * alpha_t * q
+        b[-2] -= k * alpha_t * q
+        return b
+
+
+class _SASolver(_RecordedStepNoise, _Adapter):
+    """diffusers' SASolverScheduler (data prediction, predictor and corrector of order 2 by default, tau = 1 for
+    timesteps in [200, 800] and 0 outside, evaluated at each step's start): refdiff.samplers.SASolver with diffusers'
+    order plan. Its step() corrects the sample it is given with the new model output, then predicts from the
+    corrected one: one call per step, the reference's step. It draws noise every step; the draws of steps with
+    tau > 0 are the ones used (recorded)."""
+
+    name = "SASolverScheduler"
+    lambda_terms = True
+    timestep_family = "dpmsolver"
+    predictions = ("epsilon", "v_prediction", "sample")
+    variants = {"2/2": dict(predictor_order=2, corrector_order=2), "3/3": dict(predictor_order=3, corrector_order=3)}
+
+    def make(self, config, variant):
+        return self.cls(**config, **self.variants[variant])
+
+    def grid(self, sched, table):
+        return Grid(_vp_levels(sched))
+
+    def grid_findings(self, sched, config, kw, ref):
+        out = super().grid_findings(sched, config, kw, ref)
+        if ref is not None:                 # it ends at the table's first level, as DEIS
+            sig, bound = _vp_sigma_grid(kw, config["steps"], ref, "dpmsolver", final="first")
+            out.append(TB.compare_sigmas(_numpy(sched.sigmas), sig, bound))
+        return out
+
+    def _tau(self, sched):
+        """tau as refdiff's sampler asks it (at the step's target sigma): diffusers' tau at the step's start."""
+        # looked up by the nearest target level (the rounding probe moves levels by ~1e-7 in log-SNR)
+        log_sig = np.log([float(np.asarray(lv.sigma_ve)) for lv in self.grid(sched, None).levels[1:]])
+        taus = [float(sched.tau_func(int(t))) for t in np.asarray(sched.timesteps)]
+        return lambda sigma: taus[int(np.argmin(np.abs(log_sig - np.log(float(np.asarray(sigma))))))]
+
+    def sampler(self, sched, table, grid, variant=""):
+        c = sched.config
+        return _SASolverOrders(c.predictor_order, c.corrector_order, self._tau(sched), len(sched.timesteps))
+
+    def hypotheses(self, sched, table, config, variant):
+        c = sched.config
+        return {"sa-solver-order2-taylor": Hypothesis(
+            "SA-Solver's released order-2 weights (the exact second-order integral replaced by its leading Taylor "
+            "term, in predictor and corrector)", "sampler",
+            _SASolverOrders(c.predictor_order, c.corrector_order, self._tau(sched), len(sched.timesteps), True))}
+
+    def formula_terms(self, ctx, cur, nxt, state, extra):
+        """diffusers forms each weight from moments int e^{k x} x^m dx about 0, e^{k lam_t} (poly_m(k lam_t) -
+        poly_m(k lam_s) e^{-k h}) / k^(m+1), in float32, then combines them with the Lagrange basis' monomial
+        coefficients: as for DEIS, the error of weight j is alpha_t (k sum |lambda| + 2)^(n-1) / |prod_m (lambda_j -
+        lambda_m)| units of u (n nodes), for the corrector's redo of the last step and for the predictor."""
+        Ds, lams = extra["D"], extra["lam"]
+        k = 1.0 + extra.get("tau", 0.0) ** 2
+        stages = []
+        c, p = extra.get("corrector_order", 0), extra.get("order", 0)
+        if c >= 2:
+            stages.append((lams[-c:], Ds[-c:], float(np.asarray(cur.lam)), np.asarray(cur.alpha)))
+        if p >= 2 and not nxt.is_data:
+            stages.append((lams[-p:], Ds[-p:], float(np.asarray(nxt.lam)), np.asarray(nxt.alpha)))
+        total = 0.0
+        for nodes, D, end, alpha in stages:
+            n = len(nodes)
+            mags = k * (sum(abs(v) for v in nodes) + abs(end)) + 2.0
+            for j in range(n):
+                den = np.prod([nodes[j] - nodes[m] for m in range(n) if m != j])
+                total = total + alpha * np.abs(D[j].v) * mags ** (n - 1) / abs(den)
+        return total
+
+    module = "scheduling_sasolver"
+
+    def _keep(self, sched, t) -> bool:
+        return sched.tau_func(int(t)) > 0
+
+
+class _VEPredictorCorrector(Sampler):
+    """score_sde's PC sampler on the VE SDE as diffusers' ScoreSdeVeScheduler runs it (Song et al. 2021, Alg. 2 with
+    the reverse-diffusion predictor): per level, ``n_corrector`` Langevin steps x <- x + e s + sqrt(2 e) z with
+    e = 2 (snr mean_b ||z_b|| / mean_b ||s_b||)^2 (norms per sample, averaged over the batch: score_sde's step size),
+    then x' = x + (sigma^2 - sigma'^2) s + sqrt(sigma^2 - sigma'^2) z. ``ctx.denoise`` returns the model's score
+    itself (the adapter reads the output with coefficients (0, 1)). The step size's float32 error is carried by hand:
+    each norm's relative bound (the operands' bounds and the reduction's roundings) doubled by the square."""
+
+    stochastic = True
+    history_needed = 0
+
+    def __init__(self, snr: float, n_corrector: int):
+        self.snr, self.n_corrector = float(snr), int(n_corrector)
+        self.name = f"PC(reverse diffusion + Langevin, snr={snr:g}, n={n_corrector})"
+
+    def _langevin(self, ctx, x, s):
+        from ..rounding import Bounded
+
+        z = ctx.noise()
+        bounded = isinstance(s, Bounded)
+        sv, zv = (s.v, z.v) if bounded else (s, z)
+        axes = tuple(range(1, np.ndim(sv)))
+        ns = np.sqrt(np.sum(sv ** 2, axis=axes))
+        nz = np.sqrt(np.sum(zv ** 2, axis=axes))
+        e = 2.0 * (self.snr * np.mean(nz) / np.mean(ns)) ** 2
+        if not bounded:                                                  # a plain float64 run
+            return x + s * e + z * np.sqrt(2.0 * e)
+        m = float(np.prod(np.shape(sv)[1:]))                             # elements per sample (summation roundings)
+        ns_e = np.sqrt(np.sum(s.e ** 2, axis=axes)) + (m + 2.0) * ns     # |d||s||| <= ||ds|| + reduction
+        rel = 2.0 * (np.mean(ns_e) / np.mean(ns) + (m + 2.0)) + 6.0        # e = 2 (snr nz / ns)^2
+        step = s._scaled(e)
+        step = Bounded(step.v, step.e + rel * np.abs(step.v))
+        kick = z._scaled(np.sqrt(2.0 * e))
+        kick = Bounded(kick.v, kick.e + (rel / 2.0 + 2.0) * np.abs(kick.v))
+        return x + step + kick
+
+    def step(self, ctx, cur, nxt, state):
+        x = ctx.x
+        for _ in range(self.n_corrector):
+            x = self._langevin(ctx, x, ctx.denoise(x, cur))
+        s = ctx.denoise(x, cur)
+        var = np.asarray(cur.sigma) ** 2 - np.asarray(nxt.sigma) ** 2
+        return x + s * var + ctx.noise() * np.sqrt(var), {}
+
+
+class _ScoreSdeVe(_RecordedStepNoise, _Adapter):
+    """diffusers' ScoreSdeVeScheduler (NCSN++ / score_sde's VE sampler): the pipeline's loop, n_corrector
+    step_correct calls then one step_pred per timestep, is the adapter's step(); set_timesteps(n) also sets the n
+    sigmas, as the pipeline does. The model output is the score; the levels are its discrete sigmas (the ones
+    step_pred uses), indexed by (t (n - 1)).long()."""
+
+    name = "ScoreSdeVeScheduler"
+    predictions = ("score",)
+    schedules = ("ve",)
+    spacings = ("-",)
+    module = "scheduling_sde_ve"
+    N_CORRECTOR = 1
+    step_call = f"score-sde-pc:{N_CORRECTOR}"      # how the reproducer script drives it
+
+    def scheduler_config(self, config):
+        return {}
+
+    def supports(self, config):
+        return True
+
+    def table(self, sched):
+        return None
+
+    def make(self, config, variant):
+        sched = self.cls(**config)
+        set_timesteps, n_corr = sched.set_timesteps, self.N_CORRECTOR
+
+        def both(n, *a, **k):                      # the pipeline's set_timesteps + set_sigmas
+            set_timesteps(n, *a, **k)
+            sched.set_sigmas(n)
+        sched.set_timesteps = both
+
+        def step(model_output, timestep, sample, generator=None):
+            k = getattr(sched, "_refdiff_call", 0)
+            sched._refdiff_call = k + 1
+            if k % (n_corr + 1) < n_corr:
+                return sched.step_correct(model_output, sample, generator=generator)
+            return sched.step_pred(model_output, timestep, sample, generator=generator)
+        sched.step = step
+        return sched
+
+    def calls(self, sched):
+        return [t for t in sched.timesteps for _ in range(self.N_CORRECTOR + 1)]
+
+    def _indices(self, sched):
+        import torch
+
+        ts = sched.timesteps.to(torch.float32)
+        return (ts * (len(sched.timesteps) - 1)).long().numpy()
+
+    def grid(self, sched, table):
+        sig = sched.discrete_sigmas.double().numpy()[self._indices(sched)]
+        return Grid([Level(float(s), 1.0, float(s), -2.0 * np.log(s)) for s in sig] + [Level(0.0, 1.0, 0.0, np.inf)])
+
+    def grid_findings(self, sched, config, kw, ref):
+        """The discrete sigmas exp(linspace(log sigma_min, log sigma_max, n)) (float32 linspace and exp: relative
+        |log sigma| u + 2 u), and step i reading index n - 1 - i."""
+        n = config["steps"]
+        c = sched.config
+        want = np.exp(np.linspace(np.log(c.sigma_min), np.log(c.sigma_max), n))
+        bound = (np.abs(np.log(want)) + 2.0) * TB.U32
+        out = [TB.compare_sigmas(_numpy(sched.discrete_sigmas), want, bound, what="discrete sigmas")]
+        if n == 1 and c.sigma_min != c.sigma_max:
+            out.append(Finding("grid", f"one step runs at sigma_min = {c.sigma_min:g}, not sigma_max = "
+                                       f"{c.sigma_max:g}: exp(linspace(log sigma_min, log sigma_max, 1)) is "
+                                       "[sigma_min], while the pipeline starts from sigma_max noise "
+                                       "(init_noise_sigma); the step barely denoises it",
+                               explained=True, id="diffusers-score-sde-ve-one-step",
+                               evidence={"discrete_sigmas": _numpy(sched.discrete_sigmas).tolist()}))
+        idx = self._indices(sched)
+        if not np.array_equal(idx, np.arange(n)[::-1]):
+            out.append(Finding("grid", f"step_pred reads sigma index (t (n - 1)).long() = {idx.tolist()}, not "
+                                       f"n - 1 - i: float32 t = linspace(1, eps, n) times n - 1 truncates below",
+                               evidence={"indices": idx.tolist()}))
+        return out
+
+    def coeffs(self, prediction, level):
+        return 0.0, 1.0                   # the sampler reads the score itself
+
+    def model(self, prediction):
+        def score(x, level):
+            s = float(np.asarray(level.sigma))
+            return (ORACLE.denoise(x, 1.0, s) - x) / (s * s)
+        return score
+
+    def x_T_scale(self, sched, grid):
+        return float(sched.init_noise_sigma)
+
+    def sampler(self, sched, table, grid, variant=""):
+        return _VEPredictorCorrector(sched.config.snr, self.N_CORRECTOR)
+
+    def formula_terms(self, ctx, cur, nxt, state, extra):
+        """diffusers forms sigma^2 - sigma'^2 in float32 (error u (sigma^2 + sigma'^2)): in the drift |s| times that,
+        in the noise |z| sqrt(var) times half its relative error."""
+        s2, n2 = float(np.asarray(cur.sigma)) ** 2, float(np.asarray(nxt.sigma)) ** 2
+        s = ctx.evaluated[-1].v
+        z = ctx.draws[-1]
+        var = s2 - n2
+        return np.abs(s) * (s2 + n2) + np.abs(z) * np.sqrt(var) * (s2 + n2) / (2.0 * var)
+
+
 class _DDPMParallel(_DDPM):
     """DDPMScheduler's batched-timestep variant (ParaDiGMS); its step() is DDPM's."""
 
@@ -1516,7 +1885,8 @@ SCHEDULERS = {a.name: a for a in (_DDIM, _DDPM, _DPMMultistep, _DPMSinglestep, _
                                   _Heun, _KDPM2, _LMS, _EDMEuler, _FlowMatchEuler, _DDIMParallel, _DDPMParallel,
                                   _KDPM2A, _FlowMatchHeun, _EDMDPM, _LCM, _TCD, _CM, _CogVideoXDDIM,
                                   _CogVideoXDPM, _DDIMInverse, _DPMInverse,
-                                  _CosineDPM, _IPNDM, _PNDM)}
+                                  _CosineDPM, _IPNDM, _PNDM, _SASolver,
+                                  _FlowMatchLCM, _ScoreSdeVe, _SCM)}
 
 _DISCRETE = "discrete-token (masked / uniform corruption) generation over a vocabulary: no continuous diffusion " \
             "maths to judge, out of scope"
@@ -1526,16 +1896,6 @@ NOT_MAPPED_REASONS = {
     "EntropyBoundScheduler": _DISCRETE, "DiscreteDDIMScheduler": _DISCRETE,
     "UnCLIPScheduler": "deprecated by diffusers (\"do not use\"): DDPMScheduler covers it",
     "RePaintScheduler": "inpainting resampling loop (jumps back in time inside a mask): not a sampler on a grid",
-    "SASolverScheduler": "not mapped yet (refdiff.samplers.SASolver)",
-    "SCMScheduler": "not mapped yet: its default max_timesteps 1.5708 lies past pi / 2, so the first TrigFlow level "
-                    "has alpha = cos t = -3.7e-6 < 0, which the exact consistency oracle refuses; and "
-                    "set_timesteps(n) with its default intermediate_timesteps = 1.3 raises for every n != 2",
-    "FlowMatchLCMScheduler": "not mapped yet: needs the consistency-function oracle on flow levels",
-    "ScoreSdeVeScheduler": "not mapped yet: its own loop (step_correct n times, then step_pred, per timestep); its "
-                           "predictor is the reverse-diffusion (ancestral) step x + (s_i^2 - s_(i-1)^2) score + "
-                           "sqrt(s_i^2 - s_(i-1)^2) z over discrete sigmas, and its Langevin step size uses the "
-                           "batch-mean norm ratio (score_sde's), where refdiff.samplers.PredictorCorrector has "
-                           "Euler-Maruyama and per-sample norms; the rounding bound of a norm ratio is also to write",
     "KarrasVeScheduler": "deprecated stochastic EDM sampler (EDMEulerScheduler with churn is checked)",
     "DDPMWuerstchenScheduler": "Wuerstchen's own continuous-time cosine parametrization: not mapped yet",
     "LTXEulerAncestralRFScheduler": "not mapped yet (ancestral Euler on rectified-flow levels)",

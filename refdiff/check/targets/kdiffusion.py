@@ -66,10 +66,10 @@ MAPPED = {
 # arguments (DPM-fast: uniform in t = -log sigma; the function forms it in float32, within the level rule)
 OWN_LEVELS = ("dpm_fast",)
 CHURNED = ("euler", "heun", "dpm_2")
-NOT_MAPPED = {
-    "dpm_adaptive": "chooses its steps from the sample (an error controller): refdiff.samplers.dpm_adaptive is "
-                    "judged by its tolerance in `refdiff order`, not step by step",
-}
+NOT_MAPPED: dict = {}
+# functions that choose their steps from the sample (an error controller): judged attempt by attempt
+# (refdiff.check.adaptive), with these configurations beyond the defaults
+ADAPTIVE = {"dpm_adaptive": [{"order": 2}, {"rtol": 0.01, "atol": 0.001}, {"eta": 0.5}]}
 # the configurations beyond the defaults that each function is also run with
 VARIANTS = {
     "euler": [{"s_churn": 2.0, "s_tmin": 0.05, "s_tmax": 10.0}],
@@ -79,6 +79,14 @@ VARIANTS = {
     "dpmpp_3m_sde": [{"eta": 0.5}], "lms": [{"order": 2}], "dpm_fast": [{"eta": 0.5}],
 }
 _PASS_ON = ("eta", "s_noise", "solver_type", "r", "order")
+# refdiff sampler arguments fixed by the k-diffusion calling convention: the model passed is a denoiser whose output
+# already is the consistency function (ComfyUI applies LCM's boundary condition inside its model wrapper)
+FIXED = {"lcm": {"boundary": "none"}}
+
+
+def _base(name: str) -> str:
+    """ComfyUI's *_gpu samplers are their base sampler with a Brownian tree built on the GPU (noise is the check's)."""
+    return name[:-len("_gpu")] if name.endswith("_gpu") else name
 # known conventions of the released code, re-run as the reference when a case disagrees: (id, what, sampler flags)
 HYPOTHESES = {
     "dpmpp_3m_sde": [("dpmsolver-3m-halved-d2", "the released DPM-Solver++ 3M update halves the D'' term (local "
@@ -240,7 +248,7 @@ class KFunction:
         self.takes_noise_sampler = "noise_sampler" in params
 
     def cases(self, quick: bool = False):
-        base = self.refdiff_name
+        base = _base(self.refdiff_name)
         kws = [{}] + [v for v in VARIANTS.get(base, []) if all(k in self.params for k in v)]
         steps = ((8,) if quick else (4, 12)) if base not in OWN_LEVELS else ((10,) if quick else (6, 10, 14))
         return [{"variant": _variant_label(kw), "kwargs": kw, "steps": n, "beta_schedule": "karras sigmas",
@@ -257,7 +265,8 @@ class KFunction:
             churn = Churn(kwargs.get("s_churn", 0.0), kwargs.get("s_tmin", 0.0), kwargs.get("s_tmax", np.inf),
                           kwargs.get("s_noise", 1.0))
             return sampler(self.refdiff_name, churn=churn)
-        return sampler(self.refdiff_name, **{k: v for k, v in kwargs.items() if k in _PASS_ON or k == "halved_d2"})
+        return sampler(self.refdiff_name, **FIXED.get(self.refdiff_name, {}),
+                       **{k: v for k, v in kwargs.items() if k in _PASS_ON or k == "halved_d2"})
 
     def run_case(self, config: dict, seed: int = 0, x_T=None) -> dict:
         import torch
@@ -330,7 +339,7 @@ class KFunction:
         u = float(np.finfo(np.float32).eps) / 2.0
         j = judge(trace, smp, grid, u=u)
         if j.findings and all(f.kind == "step" for f in j.findings):
-            for hid, what, flags in HYPOTHESES.get(self.refdiff_name, []):
+            for hid, what, flags in HYPOTHESES.get(_base(self.refdiff_name), []):
                 again = judge(trace, self.sampler({**kw, **flags}), grid, u=u)
                 if not again.findings:
                     j.findings = [Finding("step", f"{what} reproduces the target under the rule", explained=True,
@@ -357,6 +366,69 @@ class KFunction:
         return case
 
 
+class KAdaptive(KFunction):
+    """k-diffusion's ``sample_dpm_adaptive(model, x, sigma_min, sigma_max, ..., order, rtol, atol, h_init, pcoeff,
+    icoeff, dcoeff, accept_safety, eta, s_noise, noise_sampler)``: run once per case with the oracle; its callback
+    reports every attempt (sample, s, E, h, accepts), which refdiff.check.adaptive judges on its own."""
+
+    KEYS = ("order", "rtol", "atol", "h_init", "pcoeff", "icoeff", "dcoeff", "accept_safety", "eta", "s_noise")
+
+    def cases(self, quick: bool = False):
+        kws = [{}] + ([] if quick else [v for v in ADAPTIVE.get(self.refdiff_name, []) if all(
+            k in self.params for k in v)])
+        return [{"variant": _variant_label(kw), "kwargs": kw, "steps": 0, "beta_schedule": "adaptive",
+                 "timestep_spacing": "-", "prediction_type": "x0 (denoiser)", "dtype": "float32"} for kw in kws]
+
+    def run_case(self, config: dict, seed: int = 0, x_T=None) -> dict:
+        import torch
+
+        from ...samplers.dpm_adaptive import dpm_adaptive
+        from ..adaptive import Attempt, judge_adaptive
+
+        if x_T is None:
+            x_T = np.random.default_rng(seed).standard_normal((2, 4)) * SIGMA_MAX
+        x = torch.from_numpy(np.asarray(x_T, dtype=np.float32))
+        trace = Trace(x.double().numpy())
+        model = OracleDenoiser(trace, torch)
+        gen = torch.Generator().manual_seed(seed)
+        kw = dict(config.get("kwargs", {}))
+        attempts = []
+
+        def noise_sampler(sigma, sigma_next):
+            z = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            trace.draws.append(z.double().numpy())
+            return z
+
+        def callback(d):
+            accepted = int(d["n_accept"]) > sum(a.accepted for a in attempts)
+            attempts.append(Attempt(d["x"].detach().double().cpu().numpy(), float(d["t"]), float(d["error"]),
+                                    float(d["h"]), accepted))
+        case = {"scheduler": self.name, **{k: v for k, v in config.items() if k != "kwargs"}, "kwargs": kw,
+                "x_T": np.asarray(x_T).tolist(), "refdiff_sampler": "dpm_adaptive"}
+        out = self.fn(model, x.clone(), SIGMA_MIN, SIGMA_MAX, extra_args={}, callback=callback, disable=True,
+                      noise_sampler=noise_sampler, **kw)
+        out = out[0] if isinstance(out, tuple) else out
+        final = torch.as_tensor(out).detach().double().cpu().numpy()
+        args = {k: v for k, v in kw.items() if k in self.KEYS}
+        eta = float(args.get("eta", 0.0))
+        # k-diffusion calls noise_sampler on every accepted attempt, eta = 0 too (scaled by 0): those are not noise
+        draws = trace.draws if eta > 0 else []
+        findings, ratios = judge_adaptive(trace.x_T, [(c.x, c.sigma, c.out) for c in trace.calls], attempts, draws,
+                                          sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, **args)
+        if attempts and not np.array_equal(final, attempts[-1].x):
+            findings.append(Finding("step", "the returned sample is not the last attempt's"))
+        # end to end: refdiff's float64 run with the exact oracle (its own decisions) against the result
+        it = iter(draws)
+        ref = dpm_adaptive(lambda xx, lv: model.data.denoise(xx, 1.0, float(lv.sigma)), trace.x_T, SIGMA_MAX,
+                           SIGMA_MIN, prediction="x0", noise=(lambda: next(it)) if eta > 0 else None, **args)
+        case.update({**ratios, "end_to_end_max_abs": float(np.max(np.abs(final - ref.x))),
+                     "attempts": len(attempts), "accepted": int(sum(a.accepted for a in attempts)),
+                     "refdiff_nfe": ref.nfe, "model_calls": len(trace.calls), "noise_draws": len(draws),
+                     "findings": [f.to_dict() for f in findings], "verdict": case_verdict(findings),
+                     "finding": "; ".join(str(f) for f in findings)})
+        return case
+
+
 def _variant_label(kw: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults"
 
@@ -377,6 +449,10 @@ def _functions(module, only: str | None, label: str, path: str | None = None, st
         fn = getattr(module, n)
         if short in NOT_MAPPED:
             skipped[f"{label}:{n}"] = NOT_MAPPED[short]
+        elif short in ADAPTIVE and inspect.isfunction(fn) and \
+                list(inspect.signature(fn).parameters)[:4] == ["model", "x", "sigma_min", "sigma_max"]:
+            src = {"path": path, "function": n, "stubbed": sorted(stubbed)} if path else None
+            out.append(KAdaptive(fn, f"{label}:{n}", short, src))
         elif short in OWN_LEVELS and inspect.isfunction(fn) and \
                 list(inspect.signature(fn).parameters)[:5] == ["model", "x", "sigma_min", "sigma_max", "n"]:
             src = {"path": path, "function": n, "stubbed": sorted(stubbed)} if path else None
