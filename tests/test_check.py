@@ -38,9 +38,10 @@ def _explained(case, fid):
 # disagree by design (findings, tested below)
 # the DPM-Solver inverse on its default trailing spacing ends with a null step, and IPNDM drops the model's x0 at
 # its alpha = 0 start, SA-Solver's order-2 steps carry its released Taylor weights, ScoreSdeVe's one step runs at
-# sigma_min (findings, tested below)
+# sigma_min, and DDIM's clipped x0 goes with the unclipped eps by default (findings, tested below)
 AGREEING = [(name, variant) for name, cls in DS.SCHEDULERS.items() for variant in cls.variants
-            if variant not in ("3M", "churn", "bh1") and name not in (
+            if variant not in ("3M", "churn", "bh1") and not (name.startswith("DDIM") and variant in (
+                "clip_sample", "thresholding")) and name not in (
                 "TCDScheduler", "CMStochasticIterativeScheduler", "DPMSolverMultistepInverseScheduler",
                 "IPNDMScheduler", "SASolverScheduler", "ScoreSdeVeScheduler")]
 
@@ -351,10 +352,12 @@ def test_exit_codes_known_findings_and_accept(tmp_path):
     """4 with only explained findings; 0 once they are accepted (by id, or through a file); 1 for unexplained ones."""
     ddim = ["check", "diffusers:DDIMScheduler", "--quick", "--quiet", "--out", str(tmp_path)]
     assert cli.main(ddim) == cli.EXIT_KNOWN
-    assert cli.main(ddim + ["--accept", "diffusers-12633"]) == cli.EXIT_PASS
+    assert cli.main(ddim + ["--accept", "diffusers-12633"]) == cli.EXIT_KNOWN         # the clip convention remains
+    assert cli.main(ddim + ["--accept", "diffusers-12633", "diffusers-ddim-unclipped-eps"]) == cli.EXIT_PASS
     doc = json.loads((tmp_path / "check.json").read_text())
-    assert doc["headline"].startswith("PASS with 3 known findings (3 accepted)")
-    (tmp_path / "accept.txt").write_text("# known upstream\ndiffusers-12633  # DDIM prev_t\n")
+    assert doc["headline"].startswith("PASS with 27 known findings (27 accepted)")
+    (tmp_path / "accept.txt").write_text("# known upstream\ndiffusers-12633  # DDIM prev_t\n"
+                                         "diffusers-ddim-unclipped-eps  # clipped x0, raw eps\n")
     assert cli.main(ddim + ["--accept-file", str(tmp_path / "accept.txt")]) == cli.EXIT_PASS
     off = ["check", "protocol_scheduler:ddim_off_by_one", "--quick", "--quiet", "--out", str(tmp_path)]
     assert cli.main(off) == cli.EXIT_FAIL
@@ -836,3 +839,58 @@ def test_scm_planted_error_is_caught_and_reproduced(tmp_path, monkeypatch):
     (script,) = write_reproducers({"cases": [case]}, tmp_path)
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "not reproduced" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
+@pytest.mark.parametrize("variant", ["clip_sample", "thresholding"])
+def test_clipped_and_thresholded_x0(name, variant):
+    """clip_sample (x0 clamped to [-1, 1]) and dynamic thresholding (s = clamp(quantile_0.9 |x0|, 1, 1.5) per
+    sample, x0 clamped to [-s, s] and divided by s): DDPM's posterior with the transformed x0 agrees; DDIM pairs
+    the transformed x0 with the model's unclipped eps by default (its use_clipped_model_output=True agrees: the
+    mapped-scheduler test). The transform is active: the reference without it disagrees."""
+    adapter = DS.SCHEDULERS[name](diffusers)
+    config = _config(adapter, 10, variant=variant, timestep_spacing="leading")
+    case = DS.run_case(adapter, config)
+    if name == "DDPMScheduler":
+        assert case["verdict"] == "pass", case["finding"]
+    else:
+        assert _explained(case, "diffusers-ddim-unclipped-eps"), case["finding"]
+    plain = DS.SCHEDULERS[name](diffusers)
+    plain.sampler = lambda sched, table, grid, variant="": (DS.DDPM("fixed_small") if name == "DDPMScheduler"
+                                                            else DS.DDIM(0.0))
+    plain.hypotheses = lambda *a: {}
+    assert DS.run_case(plain, config)["verdict"] == "fail"
+
+
+@pytest.mark.parametrize("name", [n for n, a in DS.SCHEDULERS.items() if a.img2img and n != "LMSDiscreteScheduler"])
+def test_img2img_runs_started_with_set_begin_index_agree(name):
+    """Started at step 5 of 10 (strength 0.5) with set_begin_index, as the img2img pipelines do: the first five
+    timesteps are not called and every step agrees with the sampler started there (multistep warm-up included)."""
+    adapter = DS.SCHEDULERS[name](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10, begin=5))
+    assert case["verdict"] == "pass", case["finding"]
+    assert len(case["per_step_ratio"]) == 5 and len(case["sigmas"]) == 6
+
+
+def test_lms_started_part_way_uses_the_wrong_weights():
+    """LMSDiscreteScheduler after set_begin_index(5): its order comes from the global step index (4) and its weights
+    from nodes at skipped levels, applied to the one derivative it has: the first step disagrees far beyond
+    rounding; the global-index hypothesis reproduces every step."""
+    adapter = DS.SCHEDULERS["LMSDiscreteScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10, begin=5))
+    assert _explained(case, "diffusers-lms-begin-index-order"), case["finding"]
+    assert case["findings"][0]["evidence"]["per_step_ratio"][0] > 1e3
+
+
+@pytest.mark.parametrize("schedule", ["mu 1.15", "mu 0.8 linear"])
+def test_flow_dynamic_shifting(schedule, monkeypatch):
+    """use_dynamic_shifting with set_timesteps(n, mu=...): the sigmas are refdiff.grids.flow_sigmas(n, mu=...)
+    (exponential or linear time shift) and every step agrees; a time shift at mu + 0.01 is a grid finding."""
+    adapter = DS.SCHEDULERS["FlowMatchEulerDiscreteScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10, beta_schedule=schedule))
+    assert case["verdict"] == "pass", case["finding"]
+    real = diffusers.FlowMatchEulerDiscreteScheduler.time_shift
+    monkeypatch.setattr(diffusers.FlowMatchEulerDiscreteScheduler, "time_shift",
+                        lambda self, mu, sigma, t: real(self, mu + 0.01, sigma, t))
+    case = DS.run_case(adapter, _config(adapter, 10, beta_schedule=schedule))
+    assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "grid", case["finding"]

@@ -38,8 +38,8 @@ R = 4                               # coefficient roundings per term (see the mo
 
 class Hypothesis(NamedTuple):
     """A known convention or upstream bug, re-run as a reference: kind "sampler" (``what`` an alternative sampler),
-    "pairs" (``what`` the (cur, nxt) levels the target steps between) or "same-output" (the model output read at the
-    level the target reads it)."""
+    "pairs" (``what`` the (cur, nxt) levels the target steps between, or (those pairs, the sampler to step with)) or
+    "same-output" (the model output read at the level the target reads it)."""
 
     label: str
     kind: str
@@ -219,14 +219,31 @@ def _unbounded(v):
     return v
 
 
+def _prepared(adapter, config, variant):
+    """The target built for the case, its timesteps set; with ``config["begin"] = k`` the run starts at the k-th
+    step (img2img: ``set_begin_index(k)``, the first k timesteps not called)."""
+    sched = adapter.make(adapter.scheduler_config(config), variant)
+    sched.set_timesteps(config["steps"], **adapter.set_timesteps_kwargs(config))
+    begin = int(config.get("begin", 0))
+    if begin:
+        sched.set_begin_index(begin)
+        sched._refdiff_begin = begin
+    return sched
+
+
+def _begun(grid, config):
+    """The grid from the case's begin index on."""
+    begin = int(config.get("begin", 0))
+    return Grid(grid.levels[begin:], grid.schedule, grid.inversion) if begin else grid
+
+
 def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
     """One configuration: the target's schedule and grid against the configuration's, then per-step ratios to the
     rule on the target's own levels, the end-to-end error, non-finite and duplicate checks. Every disagreement is a
     typed Finding in ``case["findings"]``; ``case["verdict"]`` is pass / known (all explained) / fail."""
     variant = config.get("variant", next(iter(adapter.variants)))
     config = {**config, "variant": variant}
-    sched = adapter.make(adapter.scheduler_config(config), variant)
-    sched.set_timesteps(config["steps"])
+    sched = _prepared(adapter, config, variant)
     table = adapter.table(sched)
     ts = np.asarray(sched.timesteps)
     case = {"scheduler": adapter.name, **config, "variant": variant, "timesteps": ts.tolist(),
@@ -236,14 +253,15 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
         case["findings"] = [f.to_dict() for f in findings]
         return {**case, "per_step_ratio": [], "nonfinite": 0, "end_to_end_max_abs": None,
                 "verdict": case_verdict(findings), "finding": "; ".join(str(f) for f in findings)}
-    grid = adapter.grid(sched, table)
+    grid = _begun(adapter.grid(sched, table), config)
     case["sigmas"] = [float(np.asarray(lv.sigma_ve)) for lv in grid.levels]        # refdiff's levels (sigma / alpha)
     if hasattr(sched, "sigmas"):
         case["target_sigmas"] = np.asarray(sched.sigmas, dtype=np.float64).tolist()
     smp = adapter.sampler(sched, table, grid, variant=variant)
     case["refdiff_sampler"] = smp.name
     if x_T is None:
-        x_T = np.random.default_rng(seed).standard_normal((2, 4)) * adapter.x_T_scale(sched, grid)
+        x_T = np.random.default_rng(seed).standard_normal(adapter.sample_shape(variant)) * \
+            adapter.x_T_scale(sched, grid)
     x_T = np.asarray(x_T, dtype=np.float32).astype(np.float64)
     case["x_T"] = x_T.tolist()
 
@@ -291,7 +309,7 @@ def run_case(adapter, config: dict, seed: int = 0, x_T=None) -> dict:
         else:
             build = {"scheduler": adapter.name, "config": dict(sched.config),
                      "call": getattr(adapter, "step_call", "plain"),
-                     "set_timesteps": getattr(adapter, "set_timesteps_kwargs", lambda n: {})(config["steps"])}
+                     "set_timesteps": adapter.set_timesteps_kwargs(config), "begin": int(config.get("begin", 0))}
         extra["reproducer"] = diffusers_payload(build, config, x_T, seed, recorded)
     return done(extra)
 
@@ -300,20 +318,20 @@ def _explain(adapter, config, table, grid, x_T, seed, ratios) -> Finding:
     """Re-run under each alternative hypothesis; the first that reproduces the target under the rule explains."""
     variant = config["variant"]
     first = int(np.argmax(np.asarray(ratios) > 1.0))
-    sched = adapter.make(adapter.scheduler_config(config), variant)
-    sched.set_timesteps(config["steps"])
+    sched = _prepared(adapter, config, variant)
     for hid, hyp in adapter.hypotheses(sched, table, config, variant).items():
-        sched = adapter.make(adapter.scheduler_config(config), variant)
-        sched.set_timesteps(config["steps"])
+        sched = _prepared(adapter, config, variant)
         try:
             if hyp.kind == "sampler":
                 again = _replay(adapter, sched, grid, hyp.what, config, x_T, seed)[0]
             elif hyp.kind == "same-output":
                 again = _replay(adapter, sched, grid, adapter.sampler(sched, table, grid, variant=variant), config,
                                 x_T, seed, same_output=True)[0]
-            else:
-                again = _replay(adapter, sched, grid, adapter.sampler(sched, table, grid, variant=variant), config,
-                                x_T, seed, step_grids=[[cur, nxt] for cur, nxt in hyp.what])[0]
+            else:                   # "pairs": [(cur, nxt)], or ([(cur, nxt)], sampler) to step with another one
+                pairs, smp_h = hyp.what if isinstance(hyp.what, tuple) else \
+                    (hyp.what, adapter.sampler(sched, table, grid, variant=variant))
+                again = _replay(adapter, sched, grid, smp_h, config, x_T, seed,
+                                step_grids=[[cur, nxt] for cur, nxt in pairs])[0]
         except (_Mismatch, ValueError):
             continue
         if max(again) <= 1.0:

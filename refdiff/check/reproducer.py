@@ -209,6 +209,10 @@ def main():
     calls = list(sched.timesteps)
     if call == "drop-last":                    # a list that ends with the final level (SCM): no call there
         calls = calls[:-1]
+    begin = DATA["build"].get("begin", 0)
+    if begin:                                  # img2img: the run starts at the begin index
+        sched.set_begin_index(begin)
+        calls = calls[begin:]
     if call.startswith("score-sde-pc:"):       # ScoreSdeVe: the pipeline's n corrector calls, then the predictor
         n_corr = int(call.split(":")[1])
         sched.set_sigmas(DATA["steps"])

@@ -122,6 +122,7 @@ class _Adapter:
     dt_terms = False               # diffusers forms sigma_next - sigma in float32 (Euler-type updates)
     lambda_terms = False           # diffusers forms lambda = log alpha - log sigma in float32 (exponential integrators)
     variants = {"": {}}            # label -> scheduler kwargs: each variant is its own set of cases
+    img2img = False                # also run cases that start part-way (set_begin_index), as img2img pipelines do
     predictions = ("epsilon", "v_prediction", "sample")
     schedules = tuple(BETAS)
     spacings = ("leading", "trailing", "linspace")
@@ -169,10 +170,19 @@ class _Adapter:
     def model(self, prediction: str):
         """The oracle as diffusers' model: (x in diffusers' space, level) -> output in diffusers' convention."""
         exact_vp = oracle_model(ORACLE, PREDICTIONS[prediction])
-        return lambda x, level: exact_vp(x, Level(None, level.alpha, level.sigma, None))
+
+        def model(x, level):                  # samples of shape (b, ..., 4): the oracle sees (b', 4)
+            x = np.asarray(x)
+            out = exact_vp(x.reshape(-1, x.shape[-1]), Level(None, level.alpha, level.sigma, None))
+            return np.asarray(out).reshape(x.shape)
+        return model
 
     def x_T_scale(self, sched, grid) -> float:
         return float(np.asarray(grid.levels[0].sigma))
+
+    def sample_shape(self, variant: str) -> tuple:
+        """The shape of the case's sample (its last axis is the oracle's data dimension)."""
+        return (2, 4)
 
     def formula_terms(self, ctx, cur: Level, nxt: Level, state: State, extra: dict):
         """Magnitudes (units of u) the paper form does not see: level differences diffusers forms in float32 that
@@ -236,9 +246,14 @@ class _Adapter:
         """Resynchronise state diffusers keeps beyond the sample (e.g. UniPC's corrected sample)."""
         return bstate
 
+    def set_timesteps_kwargs(self, config: dict) -> dict:
+        """Keyword arguments of set_timesteps for a case beyond the step count (e.g. Flux's mu)."""
+        return {}
+
     def calls(self, sched) -> list:
-        """The timesteps at which the replay calls the target's step(), in order (all of them by default)."""
-        return list(sched.timesteps)
+        """The timesteps at which the replay calls the target's step(), in order (all of them by default, from the
+        begin index of an img2img case)."""
+        return list(sched.timesteps)[getattr(sched, "_refdiff_begin", 0):]
 
     def call_step(self, sched, m, t, x, kw):
         """One call of the target's step() (an adapter whose step takes more than (output, t, sample) supplies it)."""
@@ -307,14 +322,126 @@ class _RecordedStepNoise:
         return sched._refdiff_drawn
 
 
+class _X0Context:
+    """A sampler context whose model reads pass through ``transform`` (clip_sample / dynamic thresholding of the
+    data prediction); everything else is the wrapped context's."""
+
+    def __init__(self, ctx, transform):
+        self._ctx, self._transform = ctx, transform
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def denoise(self, x, level):
+        return self._transform(self._ctx.denoise(x, level))
+
+
+class _X0Transformed(Sampler):
+    """``base`` with every data prediction passed through ``transform`` before the step uses it (the denoiser
+    replaced by the clipped / thresholded one: Imagen's formulation, and diffusers' with use_clipped_model_output)."""
+
+    def __init__(self, base, transform, label):
+        self.base, self.transform = base, transform
+        self.name = f"{base.name} + {label}"
+        for attr in ("stochastic", "history_needed", "snr_zero_start", "order", "weak_order"):
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+
+    def step_order(self, state, grid):
+        return self.base.step_order(state, grid)
+
+    def step(self, ctx, cur, nxt, state):
+        return self.base.step(_X0Context(ctx, self.transform), cur, nxt, state)
+
+
+class _DDIMClippedX0RawEps(DDIM):
+    """DDIM(0) with the x0 term from the transformed prediction and the direction term from the model's own noise
+    prediction (diffusers' default use_clipped_model_output=False; a hypothesis of the check)."""
+
+    def __init__(self, transform):
+        super().__init__(0.0)
+        self.transform = transform
+        self.name = "DDIM(clipped x0, unclipped eps)"
+
+    def step(self, ctx, cur, nxt, state):
+        D = ctx.denoise(ctx.x, cur)
+        eps = (ctx.x - D * cur.alpha) * (1.0 / np.asarray(cur.sigma))
+        if nxt.is_data:
+            return self.transform(D) * nxt.alpha, {}
+        return self.transform(D) * nxt.alpha + eps * nxt.sigma, {}
+
+
+def _clip(r: float):
+    """x0 clamped to [-r, r] (clip_sample). Clamping is 1-Lipschitz: a bounded value keeps its bound."""
+    from ..rounding import Bounded
+
+    def f(D):
+        if isinstance(D, Bounded):
+            return Bounded(np.clip(D.v, -r, r), D.e)
+        return np.clip(D, -r, r)
+    return f
+
+
+def _threshold(ratio: float, max_value: float):
+    """diffusers' _threshold_sample: per sample s = clamp(quantile(|x0|, ratio), 1, max_value), x0 <- clamp(x0, -s,
+    s) / s (refdiff.guidance.dynamic_threshold with max_value 1 and ceiling ``max_value``). The quantile (linear
+    interpolation between order statistics) moves by at most the largest bound of the sample's entries, plus its
+    own rounding; the division adds the relative error of s."""
+    from ...guidance import dynamic_threshold
+    from ..rounding import Bounded
+
+    def f(D):
+        if not isinstance(D, Bounded):
+            return dynamic_threshold(D, ratio, 1.0, max_value)
+        flat = np.abs(D.v.reshape(D.v.shape[0], -1))
+        q = np.quantile(flat, ratio, axis=1)
+        s = np.clip(q, 1.0, max_value)
+        es = np.max(D.e.reshape(D.e.shape[0], -1), axis=1) + q           # units of u
+        es = np.where((q > 1.0) & (q < max_value), es, 0.0)             # clamped s is exact
+        shape = (-1,) + (1,) * (D.v.ndim - 1)
+        s_, es_ = s.reshape(shape), es.reshape(shape)
+        v = np.clip(D.v, -s_, s_) / s_
+        return Bounded(v, (D.e + es_) / s_ + np.abs(v) * (es_ / s_ + 1.0))
+    return f
+
+
+def _x0_option(sched):
+    """(transform, label) of the scheduler's clip_sample / thresholding configuration, or None."""
+    c = sched.config
+    if getattr(c, "thresholding", False):
+        return _threshold(c.dynamic_thresholding_ratio, c.sample_max_value), \
+            f"dynamic thresholding (p = {c.dynamic_thresholding_ratio:g}, max {c.sample_max_value:g})"
+    if getattr(c, "clip_sample", False):
+        return _clip(c.clip_sample_range), f"clip_sample [-{c.clip_sample_range:g}, {c.clip_sample_range:g}]"
+    return None
+
+
+_X0_VARIANTS = {"": dict(clip_sample=False), "clip_sample": dict(clip_sample=True, clip_sample_range=1.0),
+                "thresholding": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)}
+
+
+def _with_x0_option(smp, sched):
+    opt = _x0_option(sched)
+    return smp if opt is None else _X0Transformed(smp, *opt)
+
+
 class _DDIM(_Adapter):
     name = "DDIMScheduler"
+    # clip_sample / thresholding with the default use_clipped_model_output=False (a named convention), and with it
+    # True (the paper form: the clipped denoiser throughout)
+    variants = {**_X0_VARIANTS, "clip_sample, clipped eps": _X0_VARIANTS["clip_sample"]}
+
+    def step_kwargs(self, variant):
+        return {"use_clipped_model_output": True} if variant.endswith("clipped eps") else {}
 
     def make(self, config, variant):
-        return self.cls(**{"set_alpha_to_one": True, **config}, clip_sample=False)
+        return self.cls(**{"set_alpha_to_one": True, **config}, **self.variants[variant])
+
+    def sample_shape(self, variant):
+        return (2, 1, 4) if variant == "thresholding" else (2, 4)    # diffusers' quantile needs (b, c, ...)
 
     def sampler(self, sched, table, grid, variant=""):
-        return DDIM(0.0)
+        return _with_x0_option(DDIM(0.0), sched)
 
     def grid(self, sched, table):
         # set_alpha_to_one: the last step goes to the data; otherwise to alpha_bar_0 (diffusers' final_alpha_cumprod)
@@ -324,7 +451,15 @@ class _DDIM(_Adapter):
     def hypotheses(self, sched, table, config, variant):
         """diffusers #12633 / #11347: step() reads alpha_bar_prev at t - T // N, not at the next grid timestep."""
         pairs = list(zip(Grid.from_discrete(table, sched.timesteps.numpy()).levels, _t_minus_T_over_N(sched, table)))
-        return {"diffusers-12633": Hypothesis("prev_t = t - T // N (diffusers #12633, #11347)", "pairs", pairs)}
+        out = {"diffusers-12633": Hypothesis("prev_t = t - T // N (diffusers #12633, #11347)", "pairs", pairs)}
+        opt = _x0_option(sched)
+        if opt is not None:
+            what = f"the {opt[1]} x0 with the model's unclipped noise prediction in the direction term " \
+                   "(use_clipped_model_output=False, the default)"
+            out["diffusers-ddim-unclipped-eps"] = Hypothesis(what, "sampler", _DDIMClippedX0RawEps(opt[0]))
+            out["diffusers-ddim-unclipped-eps+12633"] = Hypothesis(
+                f"{what}; prev_t = t - T // N (diffusers #12633)", "pairs", (pairs, _DDIMClippedX0RawEps(opt[0])))
+        return out
 
 
 def _t_minus_T_over_N(sched, table) -> list:
@@ -336,12 +471,16 @@ def _t_minus_T_over_N(sched, table) -> list:
 
 class _DDPM(_Adapter):
     name = "DDPMScheduler"
+    variants = _X0_VARIANTS
 
     def make(self, config, variant):
-        return self.cls(**config, variance_type="fixed_small", clip_sample=False)
+        return self.cls(**config, variance_type="fixed_small", **self.variants[variant])
+
+    def sample_shape(self, variant):
+        return (2, 1, 4) if variant == "thresholding" else (2, 4)
 
     def sampler(self, sched, table, grid, variant=""):
-        return DDPM("fixed_small")
+        return _with_x0_option(DDPM("fixed_small"), sched)
 
     def formula_terms(self, ctx, cur, nxt, state, extra):
         """diffusers forms beta = 1 - alpha_bar_t / alpha_bar_s in float32: absolute error u r (r the ratio), relative
@@ -359,6 +498,7 @@ class _DDPM(_Adapter):
 
 class _DPMMultistep(_Adapter):
     name = "DPMSolverMultistepScheduler"
+    img2img = True
     lambda_terms = True
     variants = {"2M": dict(algorithm_type="dpmsolver++", solver_order=2),
                 "2M Karras": dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
@@ -435,6 +575,7 @@ class _DPMSinglestep(_Adapter):
 
 class _UniPC(_Adapter):
     name = "UniPCMultistepScheduler"
+    img2img = True
     lambda_terms = True
     variants = {"bh2": dict(solver_type="bh2"), "bh1": dict(solver_type="bh1")}
     timestep_family = "dpmsolver"
@@ -483,6 +624,7 @@ class _UniPC(_Adapter):
 
 class _DEIS(_Adapter):
     name = "DEISMultistepScheduler"
+    img2img = True
     lambda_terms = True
     variants = {"order 2": dict(solver_order=2), "order 3": dict(solver_order=3)}
     timestep_family = "dpmsolver"
@@ -586,6 +728,7 @@ class _Churned:
 
 class _Euler(_Churned, _VE):
     name = "EulerDiscreteScheduler"
+    img2img = True
     variants = {"": {}, "Karras": dict(use_karras_sigmas=True), "churn": {}}
 
     def read_level(self, prediction, level, start):
@@ -596,6 +739,7 @@ class _Euler(_Churned, _VE):
 
 class _EulerA(_VE):
     name = "EulerAncestralDiscreteScheduler"
+    img2img = True
     predictions = ("epsilon", "v_prediction")   # diffusers raises NotImplementedError for "sample"
 
     def sampler(self, sched, table, grid, variant=""):
@@ -752,18 +896,65 @@ class _DPMSDE(_VE):
         return drawn
 
 
+class _LMSFromGlobalIndex(LMS):
+    """LMS started part-way as diffusers' LMSDiscreteScheduler runs it after set_begin_index (a hypothesis of the
+    check): the order is min(4, global index + 1) and the Lagrange nodes are the full grid's sigmas before the
+    current one, skipped levels included, but only the derivatives collected since the start enter the sum."""
+
+    def __init__(self, sigmas, begin: int):
+        super().__init__(4)
+        self.sigmas, self.begin = [float(v) for v in sigmas], int(begin)
+        self.name = "LMS-4 (order and nodes from the global step index)"
+
+    def step(self, ctx, cur, nxt, state):
+        from ...samplers.karras import _GL_U, _GL_W, _from_ve, _ve
+
+        x = _ve(ctx.x, cur)
+        s, sn = cur.sigma_ve, nxt.sigma_ve
+        D = ctx.denoise(ctx.x, cur)
+        g = self.begin + state.step
+        k = min(self.order, g + 1)
+        nodes = [self.sigmas[g - m] for m in range(k)]
+        ds = ((x - D) / s,) + tuple(state.extra.get("d", ())[:k - 1])
+        out = x
+        for j, d in enumerate(ds):
+            coef = 0.0
+            for q in range(len(_GL_U)):
+                tau = 0.5 * (sn - s) * _GL_U[q] + 0.5 * (sn + s)
+                basis = 1.0
+                for m, node in enumerate(nodes):
+                    if m != j:
+                        basis = basis * (tau - node) / (nodes[j] - node)
+                coef = coef + _GL_W[q] * basis
+            out = out + d * (0.5 * (sn - s) * coef)
+        return _from_ve(out, nxt), {"d": ds[:self.order - 1], "sigmas": tuple(nodes[:self.order - 1]), "order": k}
+
+
 class _LMS(_VE):
     name = "LMSDiscreteScheduler"
+    img2img = True
     dt_terms = False               # coefficients by quadrature in float64 from the float32 sigmas
 
     def sampler(self, sched, table, grid, variant=""):
         return LMS(4)
+
+    def hypotheses(self, sched, table, config, variant):
+        begin = getattr(sched, "_refdiff_begin", 0)
+        if not begin:
+            return {}
+        return {"diffusers-lms-begin-index-order": Hypothesis(
+            f"started at step {begin} (set_begin_index, img2img), its order is min(4, step index + 1) and its "
+            "Lagrange weights those of nodes at the skipped levels, applied to the derivatives it has (one on the "
+            "first step): the first steps' weights do not sum to the step (inconsistent; diffusers #5630's noisy "
+            "img2img results fit this)", "sampler",
+            _LMSFromGlobalIndex(_numpy(sched.sigmas), begin))}
 
 
 class _EDMEuler(_Churned, _VE):
     """EDM (Karras et al. 2022): the model is F with D = c_skip x + c_out F and input c_in x; no beta table."""
 
     name = "EDMEulerScheduler"
+    img2img = True
     variants = {"": {}, "churn": {}}
     predictions = ("epsilon", "v_prediction")
     schedules = ("karras", "exponential")
@@ -880,14 +1071,30 @@ class _FlowMatchEuler(_Adapter):
     """Rectified flow x = (1 - s) x0 + s eps, model v = eps - x0: Euler in s is DDIM on the flow levels."""
 
     name = "FlowMatchEulerDiscreteScheduler"
+    img2img = True
     space = "flow"
     dt_terms = True
     predictions = ("flow",)
-    schedules = ("shift 1", "shift 3")
+    # static shifts (SD3) and dynamic shifting (Flux's exponential time shift at mu, the linear one)
+    schedules = ("shift 1", "shift 3", "mu 1.15", "mu 0.8 linear")
     spacings = ("-",)
 
+    @staticmethod
+    def _shift(config) -> dict:
+        """flow_sigmas' keyword arguments of the case's schedule name."""
+        kind, value, *rest = config["beta_schedule"].split()
+        if kind == "shift":
+            return {"shift": float(value)}
+        return {"mu": float(value), "time_shift_type": rest[0] if rest else "exponential"}
+
     def scheduler_config(self, config):
-        return dict(shift=float(config["beta_schedule"].split()[1]))
+        sh = self._shift(config)
+        if "shift" in sh:
+            return dict(shift=sh["shift"])
+        return dict(use_dynamic_shifting=True, time_shift_type=sh["time_shift_type"])
+
+    def set_timesteps_kwargs(self, config):
+        return {"mu": self._shift(config)["mu"]} if "mu" in self._shift(config) else {}
 
     def supports(self, config):
         return True
@@ -899,7 +1106,7 @@ class _FlowMatchEuler(_Adapter):
         """SD3 / Flux grids (refdiff.grids.flow_sigmas): a linspace in time, shifted; computed in float64 from a
         float32 table entry and cast once (a few u)."""
         n = config["steps"]
-        want = flow_sigmas(n, shift=float(config["beta_schedule"].split()[1]))
+        want = flow_sigmas(n, **self._shift(config))
         return [TB.compare_sigmas(_numpy(sched.sigmas), want, np.append(np.full(n, 4.0 * TB.U32), 0.0))]
 
     def grid(self, sched, table):
@@ -915,6 +1122,8 @@ class _FlowMatchHeun(_FlowMatchEuler):
     """Heun on the flow ODE in t (refdiff.samplers.FlowHeun): two calls per step, Euler into t = 0."""
 
     name = "FlowMatchHeunDiscreteScheduler"
+    img2img = False
+    schedules = ("shift 1", "shift 3")        # it has no dynamic shifting
 
     def step_starts(self, ts):
         return ts[::2]
@@ -926,7 +1135,7 @@ class _FlowMatchHeun(_FlowMatchEuler):
 
     def grid_findings(self, sched, config, kw, ref):
         n = config["steps"]
-        want = flow_sigmas(n, shift=float(config["beta_schedule"].split()[1]))
+        want = flow_sigmas(n, **self._shift(config))
         return [TB.compare_sigmas(_dedupe(_numpy(sched.sigmas)), want, np.append(np.full(n, 4.0 * TB.U32), 0.0))]
 
     def sampler(self, sched, table, grid, variant=""):
@@ -940,6 +1149,7 @@ class _FlowMatchLCM(_RecordedStepNoise, _FlowMatchEuler):
     step casts the sample to float32 and draws the noise there (recorded)."""
 
     name = "FlowMatchLCMScheduler"
+    img2img = False
     module = "scheduling_flow_match_lcm"
 
     def sampler(self, sched, table, grid, variant=""):
@@ -1150,14 +1360,12 @@ class _SCM(_RecordedStepNoise, _Adapter):
 
     step_call = "drop-last"                # how the reproducer script drives it
 
-    def set_timesteps_kwargs(self, n: int) -> dict:
+    def set_timesteps_kwargs(self, config) -> dict:
+        n = config["steps"]
         return {"max_timesteps": self.T_MAX, "intermediate_timesteps": self.INTERMEDIATE if n == 2 else None}
 
     def make(self, config, variant):
-        sched = self.cls(**config, sigma_data=self.SIGMA_DATA)
-        set_timesteps = sched.set_timesteps
-        sched.set_timesteps = lambda n, *a, **k: set_timesteps(n, *a, **self.set_timesteps_kwargs(n), **k)
-        return sched
+        return self.cls(**config, sigma_data=self.SIGMA_DATA)
 
     def grid(self, sched, table):
         sd = self.SIGMA_DATA
@@ -1209,12 +1417,16 @@ class _CogVideoXDDIM(_DDIM):
 
     name = "CogVideoXDDIMScheduler"
     SNR_SHIFT = 3.0                       # diffusers' default, passed explicitly so the table check sees it
+    variants = {"": {}}                   # its step() ignores clip_sample and eta (tests/test_check.py)
 
     def scheduler_config(self, config):
         return {**super().scheduler_config(config), "snr_shift_scale": self.SNR_SHIFT}
 
     def make(self, config, variant):
-        return self.cls(**{"set_alpha_to_one": True, **config})
+        return self.cls(**{"set_alpha_to_one": True, **config}, clip_sample=False)
+
+    def step_kwargs(self, variant):
+        return {}
 
 
 class _SDEDPM2MToTMinusTOverN(SDEDPMSolverPP2M):
@@ -1358,7 +1570,7 @@ class _DPMInverse(_Adapter):
         import torch
 
         sched = self.make(self.scheduler_config(config), config.get("variant", next(iter(self.variants))))
-        sched.set_timesteps(config["steps"])
+        sched.set_timesteps(config["steps"], **self.set_timesteps_kwargs(config))
         model, sig = self.model(config["prediction_type"]), _numpy(sched.sigmas)
         x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 4))).to(torch.float32)
         change = 0.0
@@ -1938,6 +2150,10 @@ def default_cases(adapter, quick: bool = False):
                 out += [dict(variant=variant, beta_schedule=b, timestep_spacing=sp, steps=n, prediction_type=p,
                              dtype="float32") for sp in spacings for n in steps]
         spacing = "trailing" if "trailing" in adapter.spacings else adapter.spacings[0]
+        if adapter.img2img:          # img2img: the run starts part-way (strength 0.5, and 0.6 of 25 steps)
+            out += [dict(variant=variant, beta_schedule=adapter.schedules[0], timestep_spacing=spacing, steps=n,
+                         prediction_type=adapter.predictions[0], dtype="float32", begin=k)
+                    for n, k in (((10, 5),) if quick else ((10, 5), (25, 10)))]
         for dt in (DTYPES[1:2] if quick else DTYPES[1:]):
             out += [dict(variant=variant, beta_schedule=adapter.schedules[0], timestep_spacing=spacing, steps=n,
                          prediction_type=adapter.predictions[0], dtype=dt) for n in ((10,) if quick else (3, 10, 25))]
