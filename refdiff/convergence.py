@@ -285,7 +285,8 @@ class Spec:
 def ode_samplers():
     """The ODE samplers measured on the default problem's log-SNR-uniform grids."""
     return [DDIM(), Euler(), Heun(), DPM2(), LMS(4), DPMSolver(2), DPMSolver(3), DPMSolverPPSinglestep(),
-            DPMSolverPP(2), DPMSolverPP(3), DEIS(2), DEIS(3), UniPC(1), UniPC(2, "bh1"), UniPC(2, "bh2"), RK4(),
+            DPMSolverPP(2), DPMSolverPP(3), DEIS(2), DEIS(3), UniPC(1), UniPC(2, "bh1"), UniPC(2, "bh2"), UniPC(3, "bh2"),
+            RK4(),
             FlowEuler(), FlowHeun(), RESMultistep(), SEEDS(2, eta=0.0), SEEDS(3, eta=0.0), GradientEstimation(),
             HeunPP2(), IPNDM(variable=True), DPMSolverPP2MSDE(eta=0.0, solver_type="heun"), DPMSolverPP3MSDE(eta=0.0),
             DPMSolverPPSDE(eta=0.0),

@@ -40,7 +40,7 @@ def _explained(case, fid):
 # its alpha = 0 start, SA-Solver's order-2 steps carry its released Taylor weights, ScoreSdeVe's one step runs at
 # sigma_min, and DDIM's clipped x0 goes with the unclipped eps by default (findings, tested below)
 AGREEING = [(name, variant) for name, cls in DS.SCHEDULERS.items() for variant in cls.variants
-            if variant not in ("3M", "churn", "bh1") and not (name.startswith("DDIM") and variant in (
+            if variant not in ("3M", "churn") and not variant.startswith("bh1") and not (name.startswith("DDIM") and variant in (
                 "clip_sample", "thresholding")) and name not in (
                 "TCDScheduler", "CMStochasticIterativeScheduler", "DPMSolverMultistepInverseScheduler",
                 "IPNDMScheduler", "SASolverScheduler", "ScoreSdeVeScheduler")]
@@ -894,3 +894,27 @@ def test_flow_dynamic_shifting(schedule, monkeypatch):
                         lambda self, mu, sigma, t: real(self, mu + 0.01, sigma, t))
     case = DS.run_case(adapter, _config(adapter, 10, beta_schedule=schedule))
     assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "grid", case["finding"]
+
+
+def test_a_wrong_intermediate_stage_input_is_caught():
+    """DPM-Solver++(2S) with x0 prediction: the final update reads the model at the intermediate level but not the
+    intermediate sample itself, so an intermediate off by 1e-3 leaves the step's formula consistent with the output
+    the model gave there. The replay compares where the target evaluates the model with the reference's stage
+    input: caught."""
+    import functools
+
+    real = diffusers.DPMSolverSinglestepScheduler.singlestep_dpm_solver_update
+
+    @functools.wraps(real)
+    def off(self, *a, **kw):                      # the first-order halves of the 2S pairs, not the last steps
+        out = real(self, *a, **kw)
+        return out * (1 + 1e-3) if kw.get("order") == 1 and self.step_index < len(self.timesteps) - 2 else out
+    adapter = DS.SCHEDULERS["DPMSolverSinglestepScheduler"](diffusers)
+    config = _config(adapter, 10, prediction_type="sample")      # x0 read without the stage input
+    assert DS.run_case(adapter, config)["verdict"] == "pass"
+    try:
+        diffusers.DPMSolverSinglestepScheduler.singlestep_dpm_solver_update = off
+        case = DS.run_case(adapter, config)
+    finally:
+        diffusers.DPMSolverSinglestepScheduler.singlestep_dpm_solver_update = real
+    assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "step", case["finding"]

@@ -327,7 +327,7 @@ BAD = [
     bad(lambda: Churn(1.0, 2.0, 1.0), ValueError, "S_tmin <= S_tmax", "churn-window"),
     bad(lambda: DPMSolverPP(4), ValueError, "order", "dpmpp-order-4"),
     bad(lambda: DPMSolver(4), ValueError, "order", "dpm-order-4"),
-    bad(lambda: UniPC(3), ValueError, "order", "unipc-order-3"),
+    bad(lambda: UniPC(4), ValueError, "order", "unipc-order-4"),
     bad(lambda: UniPC(2, "bh3"), ValueError, "variant", "unipc-variant"),
     bad(lambda: LMS(5), ValueError, "order", "lms-order-5"),
     bad(lambda: DEIS(4), ValueError, "order", "deis-order-4"),

@@ -13,7 +13,9 @@ an exponential) and the formula terms add what the paper form does not see: floa
 cancel (sigma_next - sigma, 1 - alpha_bar_t / alpha_bar_s, the adapter's ``formula_terms``) and the float32 error of
 each level's log-SNR propagated through the step (``lambda_terms``, by finite differences). Per-step inputs are
 resynchronised (the target's sample, and state it keeps such as UniPC's corrected sample), so a step is judged on
-its own; end-to-end errors are reported beside. When a step disagrees, the adapter's hypotheses (a known convention
+its own; end-to-end errors are reported beside. Multi-stage steps are also judged where the target evaluates the
+model: its sample at each later stage against the reference's stage input, under the same rule (the stage's own
+level terms), so an intermediate that only the model sees is not taken on trust. When a step disagrees, the adapter's hypotheses (a known convention
 or bug) are re-run as references; one that reproduces the target under the same rule is the explanation.
 """
 
@@ -115,8 +117,10 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
         cur, nxt = g.levels[st.step], g.levels[st.step + 1]
 
         outputs = []             # the model output each stage read, with the level it read it at
+        stage_inputs = []        # (the reference's stage input, the target's sample there) of each stage
 
         def denoise(x_in, level):
+            stage_inputs.append((x_in, side.x.double().numpy()))
             m = side.call(model, cur if own else level)
             if own:      # the reference's model at its own stage input, stored in the sample dtype as the target's
                 m = torch.from_numpy(np.asarray(model(x_in.v, level))).to(side.dtype).double().numpy()
@@ -135,11 +139,24 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
         out, extra = smp.step(ctx, cur, nxt, st)
         theirs = side.x.double().numpy()
         terms = adapter.formula_terms(ctx, cur, nxt, st, extra)
+        stage_terms = [0.0] * len(stage_inputs)
         if adapter.lambda_terms:
-            terms = terms + _lambda_sensitivity(smp, g, st, ctx, outputs, adapter, pred)
+            lam_out, lam_stages = _lambda_sensitivity(smp, g, st, ctx, outputs, adapter, pred)
+            terms = terms + lam_out
+            stage_terms = [a + b for a, b in zip(stage_terms, lam_stages)]
         bound = R * u * (out.e + terms)
         with np.errstate(invalid="ignore"):
-            ratios.append(float(np.max(np.abs(theirs - out.v) / (bound + 1e-300))))
+            ratio = float(np.max(np.abs(theirs - out.v) / (bound + 1e-300)))
+            # the later stages' inputs: where the target evaluated the model against the reference's stage input
+            # (Euler-type stages form sigma_next - sigma in float32: |x - D| per stage before, as formula_terms)
+            if not own:
+                for j in range(1, len(stage_inputs)):
+                    x_in, at = stage_inputs[j]
+                    dt = sum(np.abs(a.v) + np.abs(a.v - d.v) for a, _, d in ctx.stages[:j]) if adapter.dt_terms \
+                        else 0.0
+                    b = R * u * (x_in.e + stage_terms[j] + dt)
+                    ratio = max(ratio, float(np.max(np.abs(at - x_in.v) / (b + 1e-300))))
+            ratios.append(ratio)
         refs.append((side.k, np.asarray(out.v, dtype=np.float64), np.broadcast_to(bound, np.shape(out.v)).copy(),
                      start))
         nonfinite += int(np.count_nonzero(~np.isfinite(theirs)))
@@ -193,20 +210,25 @@ def _lambda_sensitivity(smp, grid, state, ctx, outputs, adapter, pred):
     i = state.step
     base = tuple(_unbounded(v) for v in state.history)
     extra = {k: _unbounded(v) for k, v in state.extra.items()}
-    total = 0.0
+    total, stages = 0.0, [0.0] * len(outputs)
     for weight, grids in perturbed_grids(grid, i):
-        outs = []
+        outs, ins = [], []
         for g in grids:
             it = iter(outputs)
             draws = iter(ctx.draws)
+            seen = []
 
-            def denoise(x_in, level):
+            def denoise(x_in, level, it=it, seen=seen):
+                seen.append(np.asarray(x_in, dtype=np.float64))
                 c_x, c_m = adapter.coeffs(pred, level)
                 return x_in * c_x + next(it) * c_m
             nctx = NumericContext(ctx.x.v, denoise, lambda: next(draws), base, g)
             outs.append(smp.step(nctx, g.levels[i], g.levels[i + 1], replace(state, history=base, extra=extra))[0])
+            ins.append(seen)
         total = total + np.abs(outs[0] - outs[1]) * weight
-    return total
+        for j in range(min(len(stages), len(ins[0]), len(ins[1]))):
+            stages[j] = stages[j] + np.abs(ins[0][j] - ins[1][j]) * weight
+    return total, stages
 
 
 def _unbounded(v):

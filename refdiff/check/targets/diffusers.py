@@ -577,7 +577,9 @@ class _UniPC(_Adapter):
     name = "UniPCMultistepScheduler"
     img2img = True
     lambda_terms = True
-    variants = {"bh2": dict(solver_type="bh2"), "bh1": dict(solver_type="bh1")}
+    variants = {"bh2": dict(solver_type="bh2"), "bh1": dict(solver_type="bh1"),
+                "bh2 order 3": dict(solver_type="bh2", solver_order=3),
+                "bh1 order 3": dict(solver_type="bh1", solver_order=3)}
     timestep_family = "dpmsolver"
 
     def grid_findings(self, sched, config, kw, ref):
@@ -587,10 +589,12 @@ class _UniPC(_Adapter):
         return out
 
     def make(self, config, variant):
-        return self.cls(**config, **self.variants[variant], solver_order=2, predict_x0=True, final_sigmas_type="zero")
+        return self.cls(**config, **{"solver_order": 2, **self.variants[variant]}, predict_x0=True,
+                        final_sigmas_type="zero")
 
     def sampler(self, sched, table, grid, variant=""):
-        return UniPC(2, sched.config.solver_type)
+        # diffusers' UniPC lowers the last steps to n - i whatever n (UniPC's own rule)
+        return UniPC(sched.config.solver_order, sched.config.solver_type, lower_order_final="always")
 
     def explain_nonfinite(self, sched, ratios):
         """bh1 takes B(h) = -h; on the step into sigma = 0 (final_sigmas_type "zero", the default) h = inf, and the
@@ -599,7 +603,7 @@ class _UniPC(_Adapter):
         import torch
 
         sig = sched.sigmas.to(torch.float32)
-        finite_before = all(np.isfinite(r) for r in ratios[:-1])
+        finite_before = all(np.isfinite(r) and r <= 1.0 for r in ratios[:-1])      # every earlier step agrees
         if sched.config.solver_type != "bh1" or float(sig[-1]) != 0.0 or not finite_before:
             return None
         alpha_t, sigma_t = sched._sigma_to_alpha_sigma_t(sig[-1])
@@ -1448,6 +1452,16 @@ class _CogVideoXDPM(_RecordedStepNoise, _CogVideoXDDIM):
 
     name = "CogVideoXDPMScheduler"
     step_call = "previous-x0"             # how the reproducer script calls its step()
+    lambda_terms = True                   # lambda = log sqrt(alpha_bar / (1 - alpha_bar)) formed in float32
+
+    def formula_terms(self, ctx, cur, nxt, state, extra):
+        """Its noise coefficient sqrt(1 - alpha_bar_prev) sqrt(1 - exp(-2h)) forms 1 - exp(-2h) in float32 (error u,
+        relative u / (1 - e^{-2h})): half that, relative, on the noise term."""
+        if nxt.is_data or not ctx.draws:
+            return 0.0
+        h = float(np.asarray(nxt.lam) - np.asarray(cur.lam))
+        one_m = -np.expm1(-2.0 * h)
+        return np.abs(ctx.draws[-1]) * float(np.asarray(nxt.sigma)) * np.sqrt(one_m) * (0.5 / one_m + 2.0)
 
     def sampler(self, sched, table, grid, variant=""):
         return SDEDPMSolverPP2M()
