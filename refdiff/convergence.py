@@ -32,7 +32,7 @@ from .oracles import ConsistencyOracle, GaussianData, GaussianMixture
 from .parametrization import from_x0_eps
 from .samplers import (DDIM, DDPM, DEIS, DPM2, Churn, IPNDM, LCM, LMS, PNDM, RK4, SEEDS, TCD, CMMultistep, DPM2Ancestral,
                        DPMFast, DPMSolver, DPMSolverPP, DPMSolverPP2MCFGpp, DPMSolverPP2MSDE, DPMSolverPP2SAncestral,
-                       DPMSolverPP3MSDE, DPMSolverPPSDE, DPMSolverPPSinglestep, ERSDE, Euler, EulerAncestral,
+                       DPMSolverPP3MSDE, DPMSolverPP3S, DPMSolverPPSDE, DPMSolverPPSinglestep, ERSDE, Euler, EulerAncestral,
                        EulerCFGpp, FlowEuler, FlowHeun, FlowStochastic, GradientEstimation, Grid, Heun, HeunPP2, Level,
                        RESMultistep, ReverseEulerMaruyama, SASolver, SDEDPMSolverPP2M, UniPC, dpm_adaptive,
                        pf_ode_solve)
@@ -285,6 +285,7 @@ class Spec:
 def ode_samplers():
     """The ODE samplers measured on the default problem's log-SNR-uniform grids."""
     return [DDIM(), Euler(), Heun(), DPM2(), LMS(4), DPMSolver(2), DPMSolver(3), DPMSolverPPSinglestep(),
+            DPMSolverPP3S(),
             DPMSolverPP(2), DPMSolverPP(3), DEIS(2), DEIS(3), UniPC(1), UniPC(2, "bh1"), UniPC(2, "bh2"), UniPC(3, "bh2"),
             RK4(),
             FlowEuler(), FlowHeun(), RESMultistep(), SEEDS(2, eta=0.0), SEEDS(3, eta=0.0), GradientEstimation(),

@@ -40,7 +40,7 @@ def _explained(case, fid):
 # its alpha = 0 start, SA-Solver's order-2 steps carry its released Taylor weights, ScoreSdeVe's one step runs at
 # sigma_min, and DDIM's clipped x0 goes with the unclipped eps by default (findings, tested below)
 AGREEING = [(name, variant) for name, cls in DS.SCHEDULERS.items() for variant in cls.variants
-            if variant not in ("3M", "churn") and not variant.startswith("bh1") and not (name.startswith("DDIM") and variant in (
+            if variant not in ("3M", "churn", "order 3") and not variant.startswith("bh1") and not (name.startswith("DDIM") and variant in (
                 "clip_sample", "thresholding")) and name not in (
                 "TCDScheduler", "CMStochasticIterativeScheduler", "DPMSolverMultistepInverseScheduler",
                 "IPNDMScheduler", "SASolverScheduler", "ScoreSdeVeScheduler")]
@@ -918,3 +918,17 @@ def test_a_wrong_intermediate_stage_input_is_caught():
     finally:
         diffusers.DPMSolverSinglestepScheduler.singlestep_dpm_solver_update = real
     assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "step", case["finding"]
+
+
+@pytest.mark.parametrize("steps", [3, 10, 25])
+def test_dpm_singlestep_order_3(steps):
+    """DPMSolverSinglestep with solver_order=3: its 1, 2, 3 groups are DPM-Solver++(3S) steps through the two grid
+    points inside them. It reaches the second intermediate with the 2S midpoint update, not DPM-Solver's phi_2 form:
+    the stage-input check sees it (both second order; refdiff.samplers.DPMSolverPP3S(second="midpoint") reproduces
+    every step and stage). Three steps are one 2S pair and a last first-order step: no 3S group, plain agreement."""
+    adapter = DS.SCHEDULERS["DPMSolverSinglestepScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, steps, variant="order 3"))
+    if steps == 3:
+        assert case["verdict"] == "pass", case["finding"]
+    else:
+        assert _explained(case, "diffusers-dpm-3s-midpoint-u2"), case["finding"]

@@ -11,8 +11,8 @@ from refdiff import schedules as S
 from refdiff.convergence import oracle_model
 from refdiff.oracles import GaussianData
 from refdiff.parametrization import PREDICTIONS, to_x0_eps
-from refdiff.samplers import (DDIM, DDPM, DEIS, DPM2, LMS, RK4, Churn, DPMSolver, DPMSolverPP, DPMSolverPPSDE,
-                              DPMSolverPPSinglestep, Euler, EulerAncestral, Grid, Heun, Level, PredictorCorrector,
+from refdiff.samplers import (DDIM, DDPM, DEIS, DPM2, LMS, RK4, Churn, DPMSolver, DPMSolverPP, DPMSolverPP3S,
+                              DPMSolverPPSDE, DPMSolverPPSinglestep, Euler, EulerAncestral, Grid, Heun, Level, PredictorCorrector,
                               ReverseEulerMaruyama, SDEDPMSolverPP2M, StepCoeffs, UniPC, apply, model_coeffs,
                               pf_ode_solve, step_coeffs)
 from refdiff.samplers.base import State
@@ -328,6 +328,8 @@ BAD = [
     bad(lambda: DPMSolverPP(4), ValueError, "order", "dpmpp-order-4"),
     bad(lambda: DPMSolver(4), ValueError, "order", "dpm-order-4"),
     bad(lambda: UniPC(4), ValueError, "order", "unipc-order-4"),
+    bad(lambda: DPMSolverPP3S(0.6, 0.4), ValueError, "r1 < r2", "dpmpp-3s-r-order"),
+    bad(lambda: DPMSolverPP3S(second="heun"), ValueError, "second", "dpmpp-3s-second"),
     bad(lambda: UniPC(2, "bh3"), ValueError, "variant", "unipc-variant"),
     bad(lambda: LMS(5), ValueError, "order", "lms-order-5"),
     bad(lambda: DEIS(4), ValueError, "order", "deis-order-4"),

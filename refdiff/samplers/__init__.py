@@ -8,7 +8,7 @@ from .consistency import LCM, TCD, CMMultistep, TargetLevel, boundary_scalings
 from .ddim import DDIM, DDPM
 from .dpm_adaptive import AdaptiveResult, StepLimitError, dpm_adaptive
 from .dpm_sde import DPMSolverPP2MSDE, DPMSolverPP3MSDE
-from .dpm_solver import (DEIS, DPMFast, DPMSolver, DPMSolverPP, DPMSolverPPSinglestep, SDEDPMSolverPP2M,
+from .dpm_solver import (DEIS, DPMFast, DPMSolver, DPMSolverPP, DPMSolverPP3S, DPMSolverPPSinglestep, SDEDPMSolverPP2M,
                          dpm_fast_orders, dpm_fast_sigmas)
 from .er_sde import ERSDE
 from .exponential import SEEDS, RESMultistep
@@ -23,7 +23,7 @@ from .unipc import UniPC
 
 __all__ = ["Affine", "Grid", "Level", "Sampler", "State", "StepCoeffs", "apply", "model_coeffs", "step_coeffs",
            "SAMPLER_NAMES", "sampler",
-           "DDIM", "DDPM", "DEIS", "DPMSolver", "DPMSolverPP", "DPMSolverPPSinglestep", "DPMSolverPPSDE",
+           "DDIM", "DDPM", "DEIS", "DPMSolver", "DPMSolverPP", "DPMSolverPP3S", "DPMSolverPPSinglestep", "DPMSolverPPSDE",
            "SDEDPMSolverPP2M", "DPM2", "LMS", "Churn", "Euler", "EulerAncestral", "Heun", "RK4", "pf_ode_solve",
            "pf_velocity", "PredictorCorrector", "ReverseEulerMaruyama", "UniPC",
            "DPM2Ancestral", "DPMSolverPP2SAncestral", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "DPMFast",

@@ -18,6 +18,7 @@ from ...convergence import oracle_model
 from ...grids import flow_sigmas
 from ...oracles import ConsistencyOracle, GaussianData, GaussianMixture
 from ...samplers import (CMMultistep, Churn, DDIM, DDPM, DEIS, DPM2, DPM2Ancestral, DPMSolverPP, DPMSolverPP2MSDE,
+                         DPMSolverPP3S,
                          DPMSolverPPSDE, PNDM, SASolver,
                          DPMSolverPPSinglestep, Euler, EulerAncestral, FlowHeun, Grid, Heun, LCM, LMS, Level,
                          SDEDPMSolverPP2M, TCD, UniPC, model_coeffs)
@@ -539,9 +540,10 @@ class _DPMSinglestep(_Adapter):
     lambda_terms = True
     spacings = ("-",)              # its own timesteps: linspace over the lambda-clipped range
     timestep_family = "dpmsolver"
+    variants = {"order 2": dict(solver_order=2), "order 3": dict(solver_order=3)}
 
     def make(self, config, variant):
-        return self.cls(**config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+        return self.cls(**config, algorithm_type="dpmsolver++", **self.variants[variant], final_sigmas_type="zero")
 
     def grid_findings(self, sched, config, kw, ref):
         kw = {**kw, "timestep_spacing": "linspace"}          # no lambda clipping: linspace over the whole table
@@ -552,25 +554,43 @@ class _DPMSinglestep(_Adapter):
 
     @staticmethod
     def _plan(sched):
-        """diffusers' order list [1, 2, 1, 2, ..., 1]: a 1 followed by a 2 is one 2S step whose intermediate level
-        is the grid point between; a lone 1 is a first-order step. Returns (start positions, mid positions)."""
+        """diffusers' order list ([1, 2, 1, 2, ..., 1] or [1, 2, 3, 1, 2, 3, ..., 1]): 1, 2, 3 is one 3S step whose
+        intermediate levels are the two grid points inside it, 1, 2 one 2S step, a lone 1 a first-order step.
+        Returns (start positions, mids: None, a position or a pair of positions)."""
         orders, n = list(sched.order_list), len(sched.timesteps)
         starts, mids, i = [], [], 0
         while i < n:
-            pair = orders[i] == 1 and i + 1 < n and orders[i + 1] == 2
+            triple = orders[i] == 1 and i + 2 < n and orders[i + 1] == 2 and orders[i + 2] == 3
+            pair = not triple and orders[i] == 1 and i + 1 < n and orders[i + 1] == 2
             starts.append(i)
-            mids.append(i + 1 if pair else None)
-            i += 2 if pair else 1
+            mids.append((i + 1, i + 2) if triple else i + 1 if pair else None)
+            i += 3 if triple else 2 if pair else 1
         return starts, mids
 
     def grid(self, sched, table):
         levels = _vp_levels(sched)
         return Grid([levels[i] for i in self._plan(sched)[0]] + [levels[-1]])
 
-    def sampler(self, sched, table, grid, variant=""):
+    def _mid_levels(self, sched):
         levels = _vp_levels(sched)
-        mids = [None if i is None else levels[i] for i in self._plan(sched)[1]]
+        return [None if m is None else tuple(levels[j] for j in m) if isinstance(m, tuple) else levels[m]
+                for m in self._plan(sched)[1]]
+
+    def sampler(self, sched, table, grid, variant=""):
+        mids = self._mid_levels(sched)
+        if sched.config.solver_order == 3:
+            return DPMSolverPP3S(intermediate=lambda step, cur, nxt: mids[step])
         return DPMSolverPPSinglestep(intermediate=lambda step, cur, nxt: mids[step])
+
+    def hypotheses(self, sched, table, config, variant):
+        if sched.config.solver_order != 3:
+            return {}
+        mids = self._mid_levels(sched)
+        return {"diffusers-dpm-3s-midpoint-u2": Hypothesis(
+            "its 3S step reaches the second intermediate with the 2S midpoint update (-(r2 / r1) alpha_2 (e^{-r2 h} - "
+            "1) / 2 (D(u1) - D)) where DPM-Solver's third-order update uses (r2 / r1) alpha_2 phi_2(r2 h) (D(u1) - D): "
+            "both second order, a different intermediate", "sampler",
+            DPMSolverPP3S(intermediate=lambda step, cur, nxt: mids[step], second="midpoint"))}
 
 
 class _UniPC(_Adapter):
