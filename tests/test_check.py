@@ -187,7 +187,7 @@ def test_cli_writes_reports_and_saves_failing_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["collections:OrderedDict", "diffusers:NoSuchScheduler", "no_such_module:x",
-                                    "diffusers:FlowMapEulerDiscreteScheduler", "protocol_scheduler:NoSampler"])
+                                    "diffusers:PiflowScheduler", "protocol_scheduler:NoSampler"])
 def test_unknown_targets_exit_2(target, capsys):
     assert cli.main(["check", target]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
@@ -378,7 +378,7 @@ def test_current_diffusers_passes_the_gate_with_its_explained_findings_accepted(
 
 
 def test_unmapped_diffusers_schedulers_and_typos_are_named(capsys):
-    assert cli.main(["check", "diffusers:FlowMapEulerDiscreteScheduler"]) == cli.EXIT_USAGE
+    assert cli.main(["check", "diffusers:PiflowScheduler"]) == cli.EXIT_USAGE
     assert "does not map yet" in capsys.readouterr().err
     assert cli.main(["check", "diffusers:EulerDiscreteSchedular"]) == cli.EXIT_USAGE
     assert "did you mean 'EulerDiscreteScheduler'" in capsys.readouterr().err
@@ -932,3 +932,69 @@ def test_dpm_singlestep_order_3(steps):
         assert case["verdict"] == "pass", case["finding"]
     else:
         assert _explained(case, "diffusers-dpm-3s-midpoint-u2"), case["finding"]
+
+
+def test_ltx_euler_ancestral_rf_wrong_eta_is_caught(monkeypatch):
+    """LTXEulerAncestralRF agrees (the mapped-scheduler test, eta = 1 and 0.5 with recorded float32 noise); a
+    target that steps with eta = 0.9 while configured with 1 is a step finding."""
+    real = diffusers.LTXEulerAncestralRFScheduler.step
+
+    def off(self, *a, **kw):
+        self.register_to_config(eta=0.9)
+        return real(self, *a, **kw)
+    adapter = DS.SCHEDULERS["LTXEulerAncestralRFScheduler"](diffusers)
+    config = _config(adapter, 10)
+    monkeypatch.setattr(diffusers.LTXEulerAncestralRFScheduler, "step", off)
+    case = DS.run_case(adapter, config)
+    assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "step", case["finding"]
+
+
+def test_minimax_h3_reads_a_data_ward_velocity(monkeypatch):
+    """MiniMaxH3's x0 = x + sigma v: with diffusers' flow convention (x0 = x - sigma v) fed the same outputs the
+    steps disagree; its own grid (linspace(1, 0, n + 1) through shift 12, duplicates collapsed) agrees."""
+    adapter = DS.SCHEDULERS["MiniMaxH3Scheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, 10))
+    assert case["verdict"] == "pass" and len(case["sigmas"]) == 11, case["finding"]
+    monkeypatch.setattr(adapter, "coeffs", lambda prediction, level: (1.0, -float(np.asarray(level.sigma))))
+    assert DS.run_case(adapter, _config(adapter, 10))["verdict"] == "fail"
+
+
+@pytest.mark.parametrize("steps", [1, 4, 25])
+def test_flow_map_euler_lands_on_the_exact_ode_map(steps, monkeypatch):
+    """FlowMapEuler with the exact flow map of a Gaussian (the average velocity over [r, t] from
+    refdiff.oracles.ConsistencyOracle): every step agrees and the float32 run ends on the PF-ODE solution; a step
+    scaled by 1 + 1e-4 is a finding."""
+    import functools
+
+    adapter = DS.SCHEDULERS["FlowMapEulerDiscreteScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, steps, beta_schedule="shift 3"))
+    assert case["verdict"] == "pass" and case["end_to_end_max_abs"] < 1e-5, case["finding"]
+    real = diffusers.FlowMapEulerDiscreteScheduler.step
+
+    @functools.wraps(real)
+    def off(self, *a, **kw):
+        out = real(self, *a, **kw)
+        out.prev_sample = out.prev_sample * (1 + 1e-4)
+        return out
+    monkeypatch.setattr(diffusers.FlowMapEulerDiscreteScheduler, "step", off)
+    assert DS.run_case(adapter, _config(adapter, steps, beta_schedule="shift 3"))["verdict"] == "fail"
+
+
+@pytest.mark.parametrize("steps", [1, 10, 50])
+def test_wuerstchen_ddpm_on_its_clamped_cosine(steps, monkeypatch):
+    """DDPMWuerstchen: ancestral DDPM steps between its clamped cosine levels (alpha_bar 1e-4 .. 0.9999), the last
+    one the posterior mean, its step() given one timestep per sample; a step scaled by 1 + 1e-4 is a finding."""
+    import functools
+
+    adapter = DS.SCHEDULERS["DDPMWuerstchenScheduler"](diffusers)
+    case = DS.run_case(adapter, _config(adapter, steps))
+    assert case["verdict"] == "pass", case["finding"]
+    real = diffusers.DDPMWuerstchenScheduler.step
+
+    @functools.wraps(real)
+    def off(self, *a, **kw):
+        out = real(self, *a, **kw)
+        out.prev_sample = out.prev_sample * (1 + 1e-4)
+        return out
+    monkeypatch.setattr(diffusers.DDPMWuerstchenScheduler, "step", off)
+    assert DS.run_case(adapter, _config(adapter, steps))["verdict"] == "fail"

@@ -281,7 +281,7 @@ def test_check_list_names_every_diffusers_scheduler(capsys):
         assert f"  {n} " in out, n
     lines = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
     assert "out of scope" in lines["VQDiffusionScheduler"] and "out of scope" in lines["AmusedScheduler"]
-    assert " mapped " in lines["PNDMScheduler"] and "not mapped" in lines["FlowMapEulerDiscreteScheduler"]
+    assert " mapped " in lines["PNDMScheduler"] and "not mapped" in lines["PiflowScheduler"]
     assert cli.main(["check"]) == cli.EXIT_USAGE
 
 

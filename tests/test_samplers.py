@@ -15,7 +15,7 @@ from refdiff.samplers import (DDIM, DDPM, DEIS, DPM2, LMS, RK4, Churn, DPMSolver
                               DPMSolverPPSDE, DPMSolverPPSinglestep, Euler, EulerAncestral, Grid, Heun, Level, PredictorCorrector,
                               ReverseEulerMaruyama, SDEDPMSolverPP2M, StepCoeffs, UniPC, apply, model_coeffs,
                               pf_ode_solve, step_coeffs)
-from refdiff.samplers.base import State
+from refdiff.samplers.base import NumericContext, State
 from refdiff.samplers.exact_law import gaussian_marginal, gaussian_output_law
 from refdiff.solve import sample
 from strategies import vp_levels
@@ -402,3 +402,26 @@ def test_ddpm_learned_range_interpolates_fixed_small_and_large():
         lr = DDPM("learned_range", variance_fn=lambda u, l, v=v: np.full_like(u, v))
         np.testing.assert_allclose(sample(lr, oracle_model(GMM), grid, x, noise=noise).x, ref, rtol=1e-12,
                                    atol=1e-12)
+
+
+def test_flow_euler_ancestral_reduces_to_flow_euler():
+    """eta = 0 is FlowEuler (1e-12); with eta > 0 one step's noise term is the forward flow transition from t_down
+    to t' (its variance t'^2 - t_down^2 (1 - t')^2 / (1 - t_down)^2, checked on a symbolic draw)."""
+    from refdiff.grids import flow_sigmas
+    from refdiff.samplers import FlowEuler, FlowEulerAncestral
+
+    def lvl(t):
+        with np.errstate(divide="ignore"):
+            return Level(t, 1.0 - t, t, 2.0 * (np.log1p(-t) - np.log(t)))
+    grid = Grid([lvl(t) for t in flow_sigmas(12, shift=3.0)])
+    x = np.random.default_rng(2).standard_normal((3, 3))
+    model = oracle_model(GAUSS, "x0")
+    a = sample(FlowEulerAncestral(eta=0.0), model, grid, x, prediction="x0").x
+    b = sample(FlowEuler(), model, grid, x, prediction="x0").x
+    assert np.abs(a - b).max() <= 1e-12 * max(1.0, np.abs(b).max())
+    cur, nxt = lvl(0.8), lvl(0.5)
+    D = np.zeros((1, 3))
+    ctx = NumericContext(np.zeros((1, 3)), lambda u, lv: D, lambda: np.ones((1, 3)), (), Grid([cur, nxt]))
+    out = FlowEulerAncestral(eta=1.0).step(ctx, cur, nxt, State())[0]
+    td = 0.5 * (1.0 + (0.5 / 0.8 - 1.0))
+    assert np.allclose(out, np.sqrt(0.5 ** 2 - (td * 0.5 / (1.0 - td)) ** 2), rtol=1e-12)

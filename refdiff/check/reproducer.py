@@ -207,7 +207,7 @@ def main():
     sched.set_timesteps(DATA["steps"], **DATA["build"].get("set_timesteps", {{}}))
     call = DATA["build"].get("call", "plain")
     calls = list(sched.timesteps)
-    if call == "drop-last":                    # a list that ends with the final level (SCM): no call there
+    if call in ("drop-last", "batched-t"):     # a list that ends with the final level (SCM, Wuerstchen)
         calls = calls[:-1]
     begin = DATA["build"].get("begin", 0)
     if begin:                                  # img2img: the run starts at the begin index
@@ -234,6 +234,9 @@ def main():
         if call == "previous-x0":     # CogVideoX's DPM: step(output, old x0, t, t_back, x)
             out, x0 = sched.step(m, previous.get("x0"), t, previous.get("t"), x, return_dict=False, **kw)
             previous.update(x0=x0, t=t)
+        elif call == "batched-t":           # Wuerstchen: one timestep per sample
+            out = sched.step(m, t.reshape(1).expand(x.shape[0]), x, **kw)
+            out = out.prev_sample if hasattr(out, "prev_sample") else out[0]
         elif call.startswith("score-sde-pc:"):
             pred = k % (n_corr + 1) == n_corr
             out = (sched.step_pred(m, t, x, **kw) if pred else sched.step_correct(m, x, **kw)).prev_sample

@@ -12,7 +12,7 @@ from .dpm_solver import (DEIS, DPMFast, DPMSolver, DPMSolverPP, DPMSolverPP3S, D
                          dpm_fast_orders, dpm_fast_sigmas)
 from .er_sde import ERSDE
 from .exponential import SEEDS, RESMultistep
-from .flow import FlowEuler, FlowHeun, FlowStochastic
+from .flow import FlowEuler, FlowEulerAncestral, FlowHeun, FlowStochastic
 from .karras import DPM2, LMS, Churn, DPMSolverPPSDE, Euler, EulerAncestral, GradientEstimation, Heun, HeunPP2
 from .pndm import IPNDM, PNDM
 from .reference import RK4, pf_ode_solve, pf_velocity
@@ -29,5 +29,5 @@ __all__ = ["Affine", "Grid", "Level", "Sampler", "State", "StepCoeffs", "apply",
            "DPM2Ancestral", "DPMSolverPP2SAncestral", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "DPMFast",
            "dpm_fast_orders", "dpm_fast_sigmas", "dpm_adaptive", "AdaptiveResult", "StepLimitError",
            "EulerCFGpp", "DPMSolverPP2MCFGpp", "RESMultistep", "SEEDS", "ERSDE", "SASolver", "sa_tau_interval",
-           "GradientEstimation", "HeunPP2", "PNDM", "IPNDM", "FlowEuler", "FlowHeun", "FlowStochastic",
+           "GradientEstimation", "HeunPP2", "PNDM", "IPNDM", "FlowEuler", "FlowEulerAncestral", "FlowHeun", "FlowStochastic",
            "CMMultistep", "LCM", "TCD", "TargetLevel", "boundary_scalings"]

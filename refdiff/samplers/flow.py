@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Level, Sampler, State
+from .base import Level, Sampler, State, check_noise_scale
 
-__all__ = ["FlowEuler", "FlowHeun", "FlowStochastic", "flow_time"]
+__all__ = ["FlowEuler", "FlowEulerAncestral", "FlowHeun", "FlowStochastic", "flow_time"]
 
 
 def flow_time(level: Level):
@@ -91,3 +91,37 @@ class FlowStochastic(Sampler):
             return D * nxt.alpha, {}
         t_next = flow_time(nxt)
         return _from_flow(D * (1.0 - t_next) + ctx.noise() * t_next, nxt), {}
+
+
+class FlowEulerAncestral(Sampler):
+    """Euler ancestral on the flow ODE (ComfyUI ``sample_euler_ancestral_RF``; diffusers
+    ``LTXEulerAncestralRFScheduler``): an Euler step down to t_down = t'(1 + (t'/t - 1) eta), then the forward flow
+    process from t_down up to t', x_f' = (1 - t') / (1 - t_down) x_f,down + sqrt(t'^2 - t_down^2 (1 - t')^2 /
+    (1 - t_down)^2) s_noise z: the marginal at t' is kept exactly (s_noise = 1). eta = 0 is FlowEuler; the step into
+    t = 0 returns D."""
+
+    snr_zero_start = True
+    history_needed = 0
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0):
+        check_noise_scale(eta, s_noise)
+        self.eta, self.s_noise = float(eta), float(s_noise)
+        self.stochastic = self.eta > 0 and self.s_noise > 0
+        self.order = None if self.stochastic else 1
+        self.weak_order = 1 if self.stochastic else None
+        self.name = f"FlowEulerAncestral(eta={eta:g})"
+
+    def step(self, ctx, cur: Level, nxt: Level, state: State):
+        t, t_next = flow_time(cur), flow_time(nxt)
+        x_f = _to_flow(ctx.x, cur)
+        D = ctx.denoise(ctx.x, cur)
+        if nxt.is_data:
+            return D * nxt.alpha, {}
+        t_down = t_next * (1.0 + (t_next / t - 1.0) * self.eta)
+        ratio = t_down / t
+        x_down = x_f * ratio + D * (1.0 - ratio)
+        if not self.stochastic:
+            return _from_flow(x_down, nxt), {}
+        keep = (1.0 - t_next) / (1.0 - t_down)
+        up = np.sqrt(np.maximum(t_next ** 2 - (t_down * keep) ** 2, 0.0))
+        return _from_flow(x_down * keep + ctx.noise() * (up * self.s_noise), nxt), {}

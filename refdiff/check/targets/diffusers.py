@@ -18,11 +18,12 @@ from ...convergence import oracle_model
 from ...grids import flow_sigmas
 from ...oracles import ConsistencyOracle, GaussianData, GaussianMixture
 from ...samplers import (CMMultistep, Churn, DDIM, DDPM, DEIS, DPM2, DPM2Ancestral, DPMSolverPP, DPMSolverPP2MSDE,
-                         DPMSolverPP3S,
+                         DPMSolverPP3S, FlowEulerAncestral,
                          DPMSolverPPSDE, PNDM, SASolver,
                          DPMSolverPPSinglestep, Euler, EulerAncestral, FlowHeun, Grid, Heun, LCM, LMS, Level,
                          SDEDPMSolverPP2M, TCD, UniPC, model_coeffs)
 from ...samplers.base import Sampler, State
+from ...samplers.ddim import _posterior_keep
 from ...samplers.dpm_solver import multistep_order
 from ...samplers.pndm import AB_WEIGHTS
 from ...samplers.consistency import boundary_scalings
@@ -1187,6 +1188,125 @@ class _FlowMatchLCM(_RecordedStepNoise, _FlowMatchEuler):
         return sched.step_index < len(sched.timesteps)       # the last step's draw is multiplied by sigma' = 0
 
 
+class _LTXEulerAncestralRF(_RecordedStepNoise, _FlowMatchEuler):
+    """diffusers' LTXEulerAncestralRFScheduler (ComfyUI's euler_ancestral_RF; refdiff.samplers.FlowEulerAncestral):
+    on FlowMatchEuler's sigmas, an Euler step to t_down = t'(1 + (t'/t - 1) eta) and the forward flow process back
+    up to t'. It steps in float32 (its noise drawn there: recorded); eta = 1 (its default) and 0.5."""
+
+    name = "LTXEulerAncestralRFScheduler"
+    module = "scheduling_ltx_euler_ancestral_rf"
+    img2img = False
+    variants = {"eta=1": dict(eta=1.0), "eta=0.5": dict(eta=0.5)}
+    schedules = ("shift 1",)              # no shift of its own: FlowMatchEuler's defaults (pipelines pass sigmas)
+
+    def scheduler_config(self, config):
+        return {}
+
+    def make(self, config, variant):
+        self._eta = self.variants[variant]["eta"]                  # read by formula_terms
+        return self.cls(**config, **self.variants[variant])
+
+    def sampler(self, sched, table, grid, variant=""):
+        return FlowEulerAncestral(float(sched.config.eta), float(sched.config.s_noise))
+
+    def formula_terms(self, ctx, cur, nxt, state, extra):
+        """Besides the Euler dt terms, it forms 1 - t_down / t (|D| u), t'/t - 1 inside t_down (|x - D| u more)
+        and the re-noising t'^2 - (t_down (1 - t') / (1 - t_down))^2 in float32 (relative u (a + b) / (a - b),
+        halved by the square root, on the noise term)."""
+        out = super().formula_terms(ctx, cur, nxt, state, extra)
+        (x, _, D), = ctx.stages[:1]
+        out = out + np.abs(D.v) + 2.0 * np.abs(x.v - D.v)
+        if ctx.draws and not nxt.is_data:
+            t, tn, eta = float(cur.sigma), float(nxt.sigma), self._eta
+            td = tn * (1.0 + (tn / t - 1.0) * eta)
+            a, b = tn ** 2, (td * (1.0 - tn) / (1.0 - td)) ** 2
+            if a > b:
+                up = np.sqrt(a - b)
+                out = out + np.abs(ctx.draws[-1]) * up * ((a + b) / (2.0 * (a - b)) + 2.0)
+        return out
+
+
+class _MiniMaxH3(_FlowMatchEuler):
+    """diffusers' MiniMaxH3Scheduler: Euler on rectified-flow levels (refdiff's DDIM there, as FlowMatchEuler), with
+    its own conventions: the network's velocity points to the data (x0 = x + sigma v), timesteps are t = 1 - sigma,
+    and the grid is linspace(1, 0, n + 1) through the static shift with consecutive duplicates collapsed (n + 1
+    points for n model calls; the check's step count is the calls). Shifts 12 (its video schedule) and 3 (audio)."""
+
+    name = "MiniMaxH3Scheduler"
+    img2img = False
+    schedules = ("shift 12", "shift 3")
+
+    def scheduler_config(self, config):
+        return dict(shift=float(config["beta_schedule"].split()[1]))
+
+    def set_timesteps_kwargs(self, config):
+        return {}
+
+    def make(self, config, variant):
+        sched = self.cls(**config)
+        set_timesteps = sched.set_timesteps
+        sched.set_timesteps = lambda n, *a, **k: set_timesteps(n + 1, *a, **k)     # n calls: n + 1 grid points
+        return sched
+
+    def grid_findings(self, sched, config, kw, ref):
+        """shift b / (1 + (shift - 1) b) over b = linspace(1, 0, n + 1) (float32 linspace and three operations)."""
+        n, s = config["steps"], float(config["beta_schedule"].split()[1])
+        b = np.linspace(1.0, 0.0, n + 1)
+        want = s * b / (1.0 + (s - 1.0) * b)
+        want = want[np.concatenate([[True], np.diff(want) != 0])]
+        return [TB.compare_sigmas(_numpy(sched.sigmas), want, np.full(want.size, 6.0 * TB.U32))]
+
+    def coeffs(self, prediction, level):
+        return 1.0, float(np.asarray(level.sigma))              # x0 = x + sigma v: the velocity points to the data
+
+    def model(self, prediction):
+        flow = super().model("flow")
+        return lambda x, level: -flow(x, level)
+
+
+class _FlowMapStep(Sampler):
+    """One flow-map step (MeanFlow-type models; Geng et al. 2025): the model gives the average velocity u over
+    [r, t], and z_r = z_t - (t - r) u. With the exact map as the model (refdiff.oracles.ConsistencyOracle asked at
+    a TargetLevel naming r) this is DDIM with the model's map to the next level (TCD's step at gamma = 0)."""
+
+    snr_zero_start = True
+    history_needed = 0
+    name = "FlowMap(Euler)"
+
+    def step(self, ctx, cur, nxt, state):
+        from ...samplers.consistency import TargetLevel
+
+        D = ctx.denoise(ctx.x, TargetLevel(cur.t, cur.alpha, cur.sigma, cur.log_snr, target=nxt))
+        if nxt.is_data:
+            return D * nxt.alpha, {}
+        eps = (ctx.x - D * cur.alpha) * (1.0 / np.asarray(cur.sigma))
+        return D * nxt.alpha + eps * nxt.sigma, {}
+
+
+class _FlowMapEuler(_FlowMatchEuler):
+    """diffusers' FlowMapEulerDiscreteScheduler: z_r = z_t - (sigma_t - sigma_r) u with a flow-map model's average
+    velocity u(z_t, t, r), r the next sigma. The model is the exact PF-ODE map of a Gaussian from t to r read as a
+    flow output (u = (z_t - Phi(z_t)) / (t - r)); each step then lands on the exact ODE solution. Sigmas: the static
+    shift of linspace(1, 0, n + 1)[:-1], then 0, in float64."""
+
+    name = "FlowMapEulerDiscreteScheduler"
+    img2img = False
+    schedules = ("shift 1", "shift 3")
+
+    def grid_findings(self, sched, config, kw, ref):
+        n, s = config["steps"], float(config["beta_schedule"].split()[1])
+        b = np.linspace(1.0, 0.0, n + 1)[:-1]
+        want = np.append(s * b / (1.0 + (s - 1.0) * b), 0.0)
+        return [TB.compare_sigmas(_numpy(sched.sigmas), want, np.full(n + 1, 4.0 * TB.U32))]
+
+    def sampler(self, sched, table, grid, variant=""):
+        return _FlowMapStep()
+
+    def model(self, prediction):
+        oracle = ConsistencyOracle(_gaussian_oracle()).model("flow")
+        return lambda x, level: oracle(x, level)
+
+
 def _gaussian_oracle():
     """The consistency schedulers' data: one Gaussian (the exact consistency function is closed-form for it)."""
     rng = np.random.default_rng(1)
@@ -1426,6 +1546,89 @@ class _SCM(_RecordedStepNoise, _Adapter):
 
     def _keep(self, sched, t) -> bool:
         return sched.step_index < len(sched.timesteps) - 1   # the last draw is multiplied by sin(0) = 0
+
+
+class _DDPMMeanLast(DDPM):
+    """DDPM (fixed_small) whose last step returns the posterior mean (Ho et al. 2020, Alg. 2: z = 0 at t = 1) also
+    when the grid ends above the data."""
+
+    def step(self, ctx, cur, nxt, state):
+        if state.step != len(ctx.grid) - 1 or nxt.is_data:
+            return super().step(ctx, cur, nxt, state)
+        D = ctx.denoise(ctx.x, cur)
+        keep = _posterior_keep(cur, nxt)
+        ratio = np.asarray(nxt.sigma) ** 2 / np.asarray(cur.sigma) ** 2
+        a_ts = np.asarray(cur.alpha) / np.asarray(nxt.alpha)
+        return ctx.x * (a_ts * ratio) + D * (np.asarray(nxt.alpha) * keep), {}
+
+
+class _DDPMWuerstchen(_Adapter):
+    """Wuerstchen's DDPM: ancestral sampling (fixed_small, eps prediction) on the continuous cosine schedule
+    alpha_bar(t) = cos((t + s) / (1 + s) pi / 2)^2 / cos(s / (1 + s) pi / 2)^2 clamped to [1e-4, 0.9999], t from 1 to
+    0 in n equal steps (the list holds the final 0, where the pipeline stops). The clamp makes the run start at
+    alpha_bar = 1e-4 and end at 0.9999, where its last step adds no noise (Ho et al.'s Alg. 2)."""
+
+    name = "DDPMWuerstchenScheduler"
+    predictions = ("epsilon",)
+    schedules = ("cosine",)
+    spacings = ("-",)
+
+    def scheduler_config(self, config):
+        return {}
+
+    def supports(self, config):
+        return True
+
+    def table(self, sched):
+        return None
+
+    def calls(self, sched):
+        return list(sched.timesteps[:-1])
+
+    def _ab(self, sched, t):
+        return float(sched._alpha_cumprod(_torch_f32([float(t)]), "cpu")[0])
+
+    def grid(self, sched, table):
+        out = []
+        for t in sched.timesteps:
+            ab = self._ab(sched, t)
+            out.append(Level(float(t), np.sqrt(ab), np.sqrt(1.0 - ab), np.log(ab / (1.0 - ab))))
+        return Grid(out)
+
+    def grid_findings(self, sched, config, kw, ref):
+        """t = linspace(1, 0, n + 1) (float32) and the clamped cosine alpha_bar there, within the float32 bound of
+        the cosine (large near t = 1, where cos theta -> 0)."""
+        n = config["steps"]
+        t = np.linspace(1.0, 0.0, n + 1)
+        s = 0.008
+        want = np.clip(np.cos((t + s) / (1 + s) * np.pi / 2) ** 2 / np.cos(s / (1 + s) * np.pi / 2) ** 2, 1e-4, 0.9999)
+        got = np.array([self._ab(sched, v) for v in sched.timesteps])
+        with np.errstate(divide="ignore"):
+            t_bound = np.where(t > 0, 2.0 * TB.U32, 0.0)                      # torch.linspace in float32
+        theta = (t + s) / (1 + s) * np.pi / 2
+        # theta formed in float32 (3 u theta; t itself u t), cos' relative error |tan theta| d theta + u, squared,
+        # divided: 2 (|tan theta| 4 u theta + u) + 2 u; the clamped ends are exact
+        rel = 2.0 * (np.abs(np.tan(theta)) * 4.0 * TB.U32 * theta + TB.U32) + 2.0 * TB.U32
+        rel = np.where((want <= 1e-4) | (want >= 0.9999), TB.U32, rel)
+        return [TB.compare_sigmas(_numpy(sched.timesteps), t, t_bound, what="timesteps"),
+                TB.compare_sigmas(got, want, rel, what="alpha_bar at the timesteps")]
+
+    step_call = "batched-t"                # its step() takes one timestep per sample (the pipeline's t.expand)
+
+    def call_step(self, sched, m, t, x, kw):
+        return sched.step(m, t.reshape(1).expand(x.shape[0]), x, **kw)
+
+    def sampler(self, sched, table, grid, variant=""):
+        return _DDPMMeanLast("fixed_small")
+
+    def formula_terms(self, ctx, cur, nxt, state, extra):
+        return _DDPM.formula_terms(self, ctx, cur, nxt, state, extra)
+
+
+def _torch_f32(v):
+    import torch
+
+    return torch.tensor(v, dtype=torch.float32)
 
 
 class _DDIMParallel(_DDIM):
@@ -2132,7 +2335,9 @@ SCHEDULERS = {a.name: a for a in (_DDIM, _DDPM, _DPMMultistep, _DPMSinglestep, _
                                   _KDPM2A, _FlowMatchHeun, _EDMDPM, _LCM, _TCD, _CM, _CogVideoXDDIM,
                                   _CogVideoXDPM, _DDIMInverse, _DPMInverse,
                                   _CosineDPM, _IPNDM, _PNDM, _SASolver,
-                                  _FlowMatchLCM, _ScoreSdeVe, _SCM)}
+                                  _FlowMatchLCM, _ScoreSdeVe, _SCM,
+                                  _LTXEulerAncestralRF, _MiniMaxH3,
+                                  _FlowMapEuler, _DDPMWuerstchen)}
 
 _DISCRETE = "discrete-token (masked / uniform corruption) generation over a vocabulary: no continuous diffusion " \
             "maths to judge, out of scope"
@@ -2143,13 +2348,14 @@ NOT_MAPPED_REASONS = {
     "UnCLIPScheduler": "deprecated by diffusers (\"do not use\"): DDPMScheduler covers it",
     "RePaintScheduler": "inpainting resampling loop (jumps back in time inside a mask): not a sampler on a grid",
     "KarrasVeScheduler": "deprecated stochastic EDM sampler (EDMEulerScheduler with churn is checked)",
-    "DDPMWuerstchenScheduler": "Wuerstchen's own continuous-time cosine parametrization: not mapped yet",
-    "LTXEulerAncestralRFScheduler": "not mapped yet (ancestral Euler on rectified-flow levels)",
-    "MiniMaxH3Scheduler": "not mapped yet (flow Euler with an exponential sigma shift)",
-    "FlowMapEulerDiscreteScheduler": "flow-map models (z_t -> z_r transitions): no oracle in refdiff yet",
     "PiflowScheduler": "PiFlow's network-free policy between model evaluations: no oracle in refdiff yet",
     "RFD4ProteinaScheduler": "protein-structure flow sampler with two coupled modalities: out of scope",
-    "HeliosScheduler": "undocumented upstream: not mapped", "HeliosDMDScheduler": "undocumented upstream: not mapped",
+    "HeliosScheduler": "Helios' pyramid sampler: stages over stage_range, each re-noised from the previous stage's "
+                       "upsampled result (start_sigmas), Euler or UniPC within a stage; the stage transitions act on "
+                       "resolution, which the check's oracle has none of (the within-stage maths is FlowMatchEuler's "
+                       "and UniPC's, both mapped)",
+    "HeliosDMDScheduler": "Helios' distilled (DMD) pyramid sampler: as HeliosScheduler, stages joined by upsampling "
+                          "and re-noising, which the check's oracle cannot model",
 }
 
 
