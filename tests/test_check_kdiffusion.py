@@ -341,3 +341,22 @@ def test_comfyuis_own_sampling_file_is_judged(comfyui_sampling, capsys):
         else:
             assert c["verdict"] == "pass", (c["scheduler"], c["variant"], c["finding"])
     assert not doc["unmapped"]
+
+
+def test_a_dpm_adaptive_finding_writes_a_reproducer(tmp_path):
+    """The accepted sample scaled by 1 + 1e-4: the script replays the recorded outputs through the planted function
+    alone (its imports stubbed) and shows the first accepted attempt beyond the bound (exit 1)."""
+    import subprocess
+
+    path = tmp_path / "sampling.py"
+    src = Path(KDIFF).read_text()
+    plant = "x = x_high + su * s_noise * noise_sampler(self.sigma(s), self.sigma(t))"
+    assert plant in src
+    path.write_text(src.replace(plant, plant.replace("x_high", "x_high * (1 + 1e-4)")))
+    out = tmp_path / "out"
+    assert cli.main(["check", f"{path}:sample_dpm_adaptive", "--quick", "--quiet", "--out", str(out)]) == \
+        cli.EXIT_FAIL
+    (script,) = sorted(out.glob("repro_*.py"))
+    assert "import refdiff" not in script.read_text()
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "beyond the rounding bound" in res.stdout, res.stdout + res.stderr

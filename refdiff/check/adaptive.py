@@ -70,6 +70,7 @@ def judge_adaptive(x_T, calls, attempts, draws, *, sigma_min, sigma_max, order=3
     """Findings and per-attempt ratios for a recorded adaptive run. ``calls``: [(x, sigma, out)] in call order;
     ``attempts``: [Attempt] in order; ``draws``: the noise of accepted attempts (eta > 0) in draw order."""
     findings, step_ratio, call_ratio, level_ratio, err_ratio = [], [], [], [], []
+    references = []                  # (attempt, reference value, bound) of every accepted attempt (for reproducers)
     stochastic = eta > 0 and s_noise > 0
     pid = PIDController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if stochastic else order, accept_safety)
     t_end = _t32(-np.log(np.float32(sigma_min)))
@@ -172,6 +173,7 @@ def judge_adaptive(x_T, calls, attempts, draws, *, sigma_min, sigma_max, order=3
                 if up > 0:
                     terms["hi"] = terms["hi"] + np.abs(z) * up * s_noise * ((s2 + d2) / (2.0 * (s2 - d2)) + 2.0)
             bound = R * u * (out.e + terms["hi"])
+            references.append((i, np.asarray(out.v, dtype=np.float64), np.broadcast_to(bound, np.shape(out.v)).copy()))
             with np.errstate(invalid="ignore"):
                 step_ratio.append(float(np.max(np.abs(att.x - out.v) / (bound + 1e-300))))
             x_prev = lo.v
@@ -194,5 +196,6 @@ def judge_adaptive(x_T, calls, attempts, draws, *, sigma_min, sigma_max, order=3
         if bad and not findings:
             findings.append(Finding(what, f"{name} disagree beyond the rounding rule from number {bad[0]} on "
                                           f"(ratio {ratios[bad[0]]:.3g})", evidence={"ratios": ratios}))
+    judge_adaptive.references = references
     return findings, {"per_step_ratio": step_ratio, "per_call_ratio": call_ratio, "level_ratio": level_ratio,
                       "error_ratio": err_ratio}

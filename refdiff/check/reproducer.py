@@ -21,7 +21,7 @@ import numpy as np
 
 from .._io import write_text
 
-__all__ = ["write_reproducers", "kfunction_payload", "diffusers_payload"]
+__all__ = ["write_reproducers", "kfunction_payload", "kadaptive_payload", "diffusers_payload"]
 
 
 def diffusers_payload(build: dict, config: dict, x_T, seed: int, recorded: dict) -> dict:
@@ -45,6 +45,16 @@ def kfunction_payload(source: dict, sigmas, x_T, kwargs, trace, judgement, direc
             "call_sigmas": [float(c.sigma) for c in trace.calls], "expected_sigmas": judgement.call_levels,
             "draws": [np.asarray(z).tolist() for z in trace.draws],
             "reference": {str(i): [v.tolist(), b.tolist()] for i, (v, b) in judgement.reference.items()}}
+
+
+def kadaptive_payload(source: dict, sigma_min, sigma_max, x_T, kwargs, trace, draws, references) -> dict:
+    """What an adaptive-sampler reproducer needs: the recorded outputs and noise in call order, and the reference
+    value and bound of every accepted attempt's sample."""
+    return {"kind": "kadaptive", "source": source, "sigma_min": float(sigma_min), "sigma_max": float(sigma_max),
+            "x_T": np.asarray(x_T, dtype=np.float64).tolist(), "kwargs": kwargs,
+            "outputs": [np.asarray(c.out).tolist() for c in trace.calls],
+            "draws": [np.asarray(z).tolist() for z in draws],
+            "reference": [[int(i), v.tolist(), b.tolist()] for i, v, b in references]}
 
 
 _LOADER = '''
@@ -261,6 +271,63 @@ if __name__ == "__main__":
 '''
 
 
+_KADAPTIVE = '''#!/usr/bin/env python
+"""Reproducer written by refdiff check: {title}
+
+{summary}
+
+Runs {target} once with the model outputs and noise recorded by the check (the model returns them in call order,
+so the run retraces itself) and compares the sample of every accepted attempt its callback reports with the
+reference value refdiff computed in float64 from the target's previous state, against the stated float32 rounding
+bound. Needs only numpy, torch and the target. Exit status 1: the disagreement is reproduced.
+"""
+import json
+import sys
+
+import numpy as np
+import torch
+
+DATA = json.loads({data!r})
+{loader}
+
+def main():
+    fn = load(DATA["source"])
+    outputs = iter(DATA["outputs"])
+    draws = iter(DATA["draws"])
+
+    def model(x, sigma, **kwargs):
+        return torch.tensor(next(outputs), dtype=x.dtype)
+
+    def noise_sampler(sigma, sigma_next):
+        z = next(draws, None)
+        return torch.zeros(len(DATA["x_T"]), len(DATA["x_T"][0])) if z is None else torch.tensor(z)
+
+    attempts = []
+
+    def callback(d):
+        attempts.append(d["x"].double().numpy())
+    fn(model, torch.tensor(DATA["x_T"], dtype=torch.float32), DATA["sigma_min"], DATA["sigma_max"], extra_args={{}},
+       callback=callback, disable=True, noise_sampler=noise_sampler, **DATA["kwargs"])
+    bad = 0
+    for i, ref, bound in DATA["reference"]:
+        if i >= len(attempts):
+            print(f"attempt {{i}}: not reached")
+            bad += 1
+            continue
+        err = np.abs(attempts[i] - np.asarray(ref))
+        ratio = float(np.max(err / (np.asarray(bound) + 1e-300)))
+        flag = "  <-- beyond the rounding bound" if ratio > 1 else ""
+        print(f"attempt {{i}}: max |target - reference| = {{err.max():.3e}}, {{ratio:.3g}} x the bound{{flag}}")
+        bad += ratio > 1
+    print("reproduced" if bad else "not reproduced")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
 def write_reproducers(doc: dict, out_dir) -> list:
     """One ``repro_NNN_NAME.py`` per case with an unexplained finding and a recorded run; returns the paths."""
     from pathlib import Path
@@ -271,13 +338,16 @@ def write_reproducers(doc: dict, out_dir) -> list:
     for k, c in enumerate(doc["cases"]):
         pay = c.get("reproducer")
         unexplained = [f for f in c.get("findings", []) if not f.get("explained")]
-        if not pay or not unexplained or pay.get("kind") not in ("kfunction", "diffusers"):
+        if not pay or not unexplained or pay.get("kind") not in ("kfunction", "kadaptive", "diffusers"):
             continue
         name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(c["scheduler"]))
         path = out / f"repro_{k:03d}_{name}.py"
         f = unexplained[0]
         title = f"{c['scheduler']} [{c.get('variant', '')}], {c.get('steps')} steps"
-        if pay["kind"] == "kfunction":
+        if pay["kind"] == "kadaptive":
+            text = _KADAPTIVE.format(title=title, summary=f"[{f['kind']}] {f['summary']}", target=c["scheduler"],
+                                     data=json.dumps(pay), loader=_LOADER)
+        elif pay["kind"] == "kfunction":
             text = _KFUNCTION.format(title=title, summary=f"[{f['kind']}] {f['summary']}", target=c["scheduler"],
                                      data=json.dumps(pay), loader=_LOADER)
         else:

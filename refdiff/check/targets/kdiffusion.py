@@ -421,6 +421,11 @@ class KAdaptive(KFunction):
         it = iter(draws)
         ref = dpm_adaptive(lambda xx, lv: model.data.denoise(xx, 1.0, float(lv.sigma)), trace.x_T, SIGMA_MAX,
                            SIGMA_MIN, prediction="x0", noise=(lambda: next(it)) if eta > 0 else None, **args)
+        if any(not f.explained for f in findings):
+            from ..reproducer import kadaptive_payload
+
+            case["reproducer"] = kadaptive_payload(self.source, SIGMA_MIN, SIGMA_MAX, x.double().numpy(), kw, trace,
+                                                   trace.draws, judge_adaptive.references)
         case.update({**ratios, "end_to_end_max_abs": float(np.max(np.abs(final - ref.x))),
                      "attempts": len(attempts), "accepted": int(sum(a.accepted for a in attempts)),
                      "refdiff_nfe": ref.nfe, "model_calls": len(trace.calls), "noise_draws": len(draws),
