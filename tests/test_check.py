@@ -998,3 +998,17 @@ def test_wuerstchen_ddpm_on_its_clamped_cosine(steps, monkeypatch):
         return out
     monkeypatch.setattr(diffusers.DDPMWuerstchenScheduler, "step", off)
     assert DS.run_case(adapter, _config(adapter, steps))["verdict"] == "fail"
+
+
+def test_scm_defaults_lie_past_pi_over_2_and_raise_for_n_other_than_2():
+    """The README's statement, measured: SCMScheduler's default max_timesteps 1.5708 gives alpha = cos t < 0 (about
+    -3.7e-6), and set_timesteps(n) with the default intermediate_timesteps raises for every n != 2."""
+    import torch
+
+    sched = diffusers.SCMScheduler()
+    sched.set_timesteps(2)
+    alpha = float(torch.cos(sched.timesteps[0]))
+    assert -4e-6 < alpha < -3e-6
+    for n in (1, 3, 10):
+        with pytest.raises(ValueError, match="num_inference_steps != 2"):
+            diffusers.SCMScheduler().set_timesteps(n)

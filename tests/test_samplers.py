@@ -425,3 +425,32 @@ def test_flow_euler_ancestral_reduces_to_flow_euler():
     out = FlowEulerAncestral(eta=1.0).step(ctx, cur, nxt, State())[0]
     td = 0.5 * (1.0 + (0.5 / 0.8 - 1.0))
     assert np.allclose(out, np.sqrt(0.5 ** 2 - (td * 0.5 / (1.0 - td)) ** 2), rtol=1e-12)
+
+
+def test_unipc_3_is_fourth_order_with_bh2_but_not_cleanly_with_bh1(problem):
+    """From an exact warm-up UniPC-3 (bh2) halves its error 16x per halving (local slopes within ORDER_TOL of 4);
+    with bh1 (B(h) = -h) the local slopes wander (4.15, 4.46, 3.72, 2.74 over 64 .. 1024 steps): no clean order,
+    which is why the order table carries only the bh2 row."""
+    ns = (64, 128, 256, 512, 1024)
+    for variant, clean in (("bh2", True), ("bh1", False)):
+        errs = CV.ode_errors(UniPC(3, variant), problem, Ns=ns, exact_warmup=True)
+        slopes = [np.log2(errs[i] / errs[i + 1]) for i in range(len(ns) - 1)]
+        if clean:
+            assert all(abs(s - 4.0) <= ORDER_TOL for s in slopes), slopes
+        else:
+            assert max(slopes) - min(slopes) > 1.0, slopes
+
+
+def test_unipc_3_cold_start_excess_is_third_order(problem):
+    """UniPC-3's cold start (its first corrected step is only UniP-1 + UniC-1, local error O(h^3)) adds an error that
+    shrinks as h^3: the global order is 3 (UniPC.global_order), though its constant is small enough that the cold
+    run still measures order 4 up to 2048 steps."""
+    ns = (256, 512, 1024)
+    cold = CV.ode_errors(UniPC(3, "bh2"), problem, Ns=ns)
+    warm = CV.ode_errors(UniPC(3, "bh2"), problem, Ns=ns, exact_warmup=True)
+    excess = [c - w for c, w in zip(cold, warm)]
+    slopes = [np.log2(excess[i] / excess[i + 1]) for i in range(len(ns) - 1)]
+    # 0.2, twice ORDER_TOL: the excess is the difference of two errors that agree to 1e-3, so its slope carries
+    # both fits' higher-order terms
+    assert all(abs(s - 3.0) <= 2 * ORDER_TOL for s in slopes), (excess, slopes)
+    assert UniPC(3).global_order == 3
