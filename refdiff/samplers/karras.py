@@ -243,6 +243,10 @@ class LMS(Sampler):
     def step_order(self, state, grid):
         return min(self.order, state.step + 1)
 
+    def _nodes(self, state, k: int, s):
+        """The Lagrange nodes, newest first: this level's sigma and those of the last k - 1 steps."""
+        return [s] + list(state.extra.get("sigmas", ())[:k - 1])
+
     def step(self, ctx, cur: Level, nxt: Level, state: State):
         if ctx.symbolic:
             raise NotImplementedError("LMS interpolates past derivatives (x_j - D_j) / sigma_j, which need past x_j: "
@@ -252,7 +256,7 @@ class LMS(Sampler):
         D = ctx.denoise(ctx.x, cur)
         k = self.step_order(state, ctx.grid)
         ds = ((x - D) / s,) + tuple(state.extra.get("d", ())[:k - 1])
-        nodes = [s] + list(state.extra.get("sigmas", ())[:k - 1])
+        nodes = self._nodes(state, k, s)
         out = x
         for j, d in enumerate(ds):
             coef = 0.0

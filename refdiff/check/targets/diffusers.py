@@ -931,28 +931,12 @@ class _LMSFromGlobalIndex(LMS):
         self.sigmas, self.begin = [float(v) for v in sigmas], int(begin)
         self.name = "LMS-4 (order and nodes from the global step index)"
 
-    def step(self, ctx, cur, nxt, state):
-        from ...samplers.karras import _GL_U, _GL_W, _from_ve, _ve
+    def step_order(self, state, grid):
+        return min(self.order, self.begin + state.step + 1)
 
-        x = _ve(ctx.x, cur)
-        s, sn = cur.sigma_ve, nxt.sigma_ve
-        D = ctx.denoise(ctx.x, cur)
+    def _nodes(self, state, k, s):
         g = self.begin + state.step
-        k = min(self.order, g + 1)
-        nodes = [self.sigmas[g - m] for m in range(k)]
-        ds = ((x - D) / s,) + tuple(state.extra.get("d", ())[:k - 1])
-        out = x
-        for j, d in enumerate(ds):
-            coef = 0.0
-            for q in range(len(_GL_U)):
-                tau = 0.5 * (sn - s) * _GL_U[q] + 0.5 * (sn + s)
-                basis = 1.0
-                for m, node in enumerate(nodes):
-                    if m != j:
-                        basis = basis * (tau - node) / (nodes[j] - node)
-                coef = coef + _GL_W[q] * basis
-            out = out + d * (0.5 * (sn - s) * coef)
-        return _from_ve(out, nxt), {"d": ds[:self.order - 1], "sigmas": tuple(nodes[:self.order - 1]), "order": k}
+        return [self.sigmas[g - m] for m in range(k)]
 
 
 class _LMS(_VE):
