@@ -306,7 +306,7 @@ class DPMSolverPPSinglestep(Sampler):
         return x * (nxt.sigma / cur.sigma) - D_r * (nxt.alpha * exp_remainder(-h, 1)), {"order": 2}
 
 
-class DPMSolverPP3S(Sampler):
+class DPMSolverPP3S(DPMSolverPPSinglestep):
     """DPM-Solver++(3S) in data-prediction form (the DPM-Solver code's singlestep third-order update; Lu et al. 2022a
     Alg. 2 written for the data prediction): two intermediate levels u1, u2 at lambda_s + r1 h, lambda_s + r2 h,
 
@@ -316,11 +316,10 @@ class DPMSolverPP3S(Sampler):
 
     phi_2(z) = (e^{-z} - 1) / z + 1. ``second="midpoint"``: u2 by the 2S midpoint update over [s, s + r2 h] instead,
     u2 = ... - (r2 / r1) alpha_2 (e^{-r2 h} - 1) / 2 (D(u1) - D) (diffusers' singlestep scheduler; both second order,
-    so the step stays third order). ``intermediate(step, cur, nxt)`` names each step's levels: (mid1, mid2) a 3S step,
-    one Level a 2S step (midpoint form), None a first-order step; by default (r1, r2) = (1/3, 2/3) of the step in
-    log-SNR. A step into the data is first order."""
+    so the step stays third order). ``intermediate(step, cur, nxt)`` names each step's levels: (mid1, mid2) a 3S step;
+    one Level or None are DPMSolverPPSinglestep's 2S and first-order steps; by default (r1, r2) = (1/3, 2/3) of the
+    step in log-SNR. A step into the data is first order."""
 
-    history_needed = 0
     order = 3
 
     def __init__(self, r1: float = 1.0 / 3.0, r2: float = 2.0 / 3.0, intermediate=None, second: str = "paper"):
@@ -328,10 +327,11 @@ class DPMSolverPP3S(Sampler):
             raise ValueError(f"need 0 < r1 < r2 < 1, got {r1}, {r2}")
         if second not in ("paper", "midpoint"):
             raise ValueError(f"second must be 'paper' or 'midpoint', got {second!r}")
-        self.r1, self.r2, self.intermediate, self.second = float(r1), float(r2), intermediate, second
+        super().__init__(0.5, intermediate)
+        self.r1, self.r2, self.second = float(r1), float(r2), second
         self.name = "DPMSolver++3S" + ("(midpoint u2)" if second == "midpoint" else "")
 
-    def _mids(self, ctx, step, cur, nxt):
+    def _mid(self, ctx, step, cur, nxt):
         if self.intermediate is not None:
             return self.intermediate(step, cur, nxt)
         lam0, lam1 = np.asarray(cur.log_snr), np.asarray(nxt.log_snr)
@@ -339,27 +339,18 @@ class DPMSolverPP3S(Sampler):
 
     def step_order(self, state, grid):
         cur, nxt = grid.levels[state.step], grid.levels[state.step + 1]
-        if nxt.is_data:
-            return 1
-        if self.intermediate is None:
+        if not nxt.is_data and (self.intermediate is None or isinstance(self.intermediate(state.step, cur, nxt),
+                                                                        tuple)):
             return 3
-        mids = self.intermediate(state.step, cur, nxt)
-        return 1 if mids is None else (3 if isinstance(mids, tuple) else 2)
+        return super().step_order(state, grid)
 
     def step(self, ctx, cur: Level, nxt: Level, state: State):
+        mids = None if nxt.is_data else self._mid(ctx, state.step, cur, nxt)
+        if not isinstance(mids, tuple):                     # 2S, first order or into the data
+            return super().step(ctx, cur, nxt, state)
         x = ctx.x
         D = ctx.denoise(x, cur)
-        if nxt.is_data:
-            return D * nxt.alpha, {"order": 1}
         h = _h(cur, nxt)
-        mids = self._mids(ctx, state.step, cur, nxt)
-        first = x * (nxt.sigma / cur.sigma) - D * (nxt.alpha * np.expm1(-h))
-        if mids is None:
-            return first, {"order": 1}
-        if not isinstance(mids, tuple):                      # a 2S step (midpoint form)
-            r = _h(cur, mids) / h
-            u = x * (mids.sigma / cur.sigma) - D * (mids.alpha * np.expm1(-_h(cur, mids)))
-            return first - (ctx.denoise(u, mids) - D) * (nxt.alpha * np.expm1(-h) * 0.5 / r), {"order": 2}
         m1, m2 = mids
         h1, h2 = _h(cur, m1), _h(cur, m2)
         r1, r2 = h1 / h, h2 / h
@@ -371,6 +362,7 @@ class DPMSolverPP3S(Sampler):
         else:
             u2 = u2 + d1 * (m2.alpha * (r2 / r1) * exp_remainder(-h2, 2) / h2)
         d2 = ctx.denoise(u2, m2) - D
+        first = x * (nxt.sigma / cur.sigma) - D * (nxt.alpha * np.expm1(-h))
         return first + d2 * (nxt.alpha * exp_remainder(-h, 2) / (h * r2)), {"order": 3}
 
 
