@@ -255,6 +255,24 @@ class KFunction:
                  "timestep_spacing": "-", "prediction_type": "x0 (denoiser)", "dtype": "float32"}
                 for kw in kws for n in steps]
 
+    @staticmethod
+    def _recording(seed: int, x_T=None):
+        """A run's start: (x_T, its float32 tensor, the Trace, the oracle model recording into it, the seeded
+        generator, and a noise_sampler(sigma, sigma_next) that draws standard normals from it and records them)."""
+        import torch
+
+        if x_T is None:
+            x_T = np.random.default_rng(seed).standard_normal((2, 4)) * SIGMA_MAX
+        x = torch.from_numpy(np.asarray(x_T, dtype=np.float32))
+        trace = Trace(x.double().numpy())
+        gen = torch.Generator().manual_seed(seed)
+
+        def noise_sampler(sigma, sigma_next):
+            z = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            trace.draws.append(z.double().numpy())
+            return z
+        return x_T, x, trace, OracleDenoiser(trace, torch), gen, noise_sampler
+
     def sampler(self, kwargs):
         from ...samplers import Churn, sampler
 
@@ -285,19 +303,9 @@ class KFunction:
                                    ).to(torch.float32)
         sig64 = sig.double().numpy()
         grid = Grid.from_sigmas(dpm_fast_sigmas(n, SIGMA_MIN, SIGMA_MAX) if own else sig64)
-        if x_T is None:
-            x_T = np.random.default_rng(seed).standard_normal((2, 4)) * SIGMA_MAX
-        x = torch.from_numpy(np.asarray(x_T, dtype=np.float32))
-        trace = Trace(x.double().numpy())
-        model = OracleDenoiser(trace, torch)
-        gen = torch.Generator().manual_seed(seed)
+        x_T, x, trace, model, gen, noise_sampler = self._recording(seed, x_T)
         kw = dict(config.get("kwargs", {}))
         direct = []
-
-        def noise_sampler(sigma, sigma_next):
-            z = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-            trace.draws.append(z.double().numpy())
-            return z
 
         def callback(d):
             i = int(d["i"])
@@ -385,19 +393,9 @@ class KAdaptive(KFunction):
         from ...samplers.dpm_adaptive import dpm_adaptive
         from ..adaptive import Attempt, judge_adaptive
 
-        if x_T is None:
-            x_T = np.random.default_rng(seed).standard_normal((2, 4)) * SIGMA_MAX
-        x = torch.from_numpy(np.asarray(x_T, dtype=np.float32))
-        trace = Trace(x.double().numpy())
-        model = OracleDenoiser(trace, torch)
-        gen = torch.Generator().manual_seed(seed)
+        x_T, x, trace, model, _, noise_sampler = self._recording(seed, x_T)
         kw = dict(config.get("kwargs", {}))
         attempts = []
-
-        def noise_sampler(sigma, sigma_next):
-            z = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-            trace.draws.append(z.double().numpy())
-            return z
 
         def callback(d):
             accepted = int(d["n_accept"]) > sum(a.accepted for a in attempts)
