@@ -29,6 +29,21 @@ def _ids(case):
     return [f["id"] for f in case["findings"]]
 
 
+def _plant_scaled_output(monkeypatch, cls, method="step", factor=1 + 1e-4):
+    """Patch ``cls.method`` so its prev_sample comes out scaled by ``factor`` (a planted error; functools.wraps keeps
+    the signature, so the check still passes the generator it takes)."""
+    import functools
+
+    real = getattr(cls, method)
+
+    @functools.wraps(real)
+    def off(self, *a, **kw):
+        out = real(self, *a, **kw)
+        out.prev_sample = out.prev_sample * factor
+        return out
+    monkeypatch.setattr(cls, method, off)
+
+
 def _explained(case, fid):
     """The case fails only with the explained finding ``fid``."""
     return case["verdict"] == "known" and _ids(case) == [fid] and case["findings"][0]["explained"]
@@ -130,13 +145,7 @@ def test_dpmsolver_3m_finding_is_explained():
 def test_a_small_error_in_the_target_is_caught(name, monkeypatch):
     """Mutation: the target's output scaled by 1 + 1e-4 (~1700 float32 units) must fail, unexplained."""
     adapter = DS.SCHEDULERS[name](diffusers)
-    real = adapter.cls.step
-
-    def off(self, *args, **kwargs):
-        out = real(self, *args, **kwargs)
-        out.prev_sample = out.prev_sample * (1 + 1e-4)
-        return out
-    monkeypatch.setattr(adapter.cls, "step", off)
+    _plant_scaled_output(monkeypatch, adapter.cls)
     case = DS.run_case(adapter, _config(adapter, 10))
     assert case["verdict"] == "fail" and _ids(case) == ["step"] and not case["findings"][0]["explained"], case
 
@@ -509,13 +518,7 @@ def test_a_diffusers_reproducer_rebuilds_the_scheduler_from_its_config(tmp_path,
 
     from refdiff.check.reproducer import write_reproducers
 
-    real = diffusers.EulerDiscreteScheduler.step
-
-    def off(self, model_output, timestep, sample, **kw):
-        out = real(self, model_output, timestep, sample, **kw)
-        out.prev_sample = out.prev_sample * (1 + 1e-4)
-        return out
-    monkeypatch.setattr(diffusers.EulerDiscreteScheduler, "step", off)
+    _plant_scaled_output(monkeypatch, diffusers.EulerDiscreteScheduler)
     adapter = DS.SCHEDULERS["EulerDiscreteScheduler"](diffusers)
     case = DS.run_case(adapter, _config(adapter, 6))
     assert case["verdict"] == "fail" and case["reproducer"]["build"]["scheduler"] == "EulerDiscreteScheduler"
@@ -782,20 +785,12 @@ def test_score_sde_ve_per_sample_step_sizes_are_caught(monkeypatch):
 
 
 def test_score_sde_ve_reproducer_drives_corrector_and_predictor(tmp_path, monkeypatch):
-    import functools
     import subprocess
     import sys
 
     from refdiff.check.reproducer import write_reproducers
 
-    real = diffusers.ScoreSdeVeScheduler.step_pred
-
-    @functools.wraps(real)
-    def off(self, *a, **kw):
-        out = real(self, *a, **kw)
-        out.prev_sample = out.prev_sample * (1 + 1e-4)
-        return out
-    monkeypatch.setattr(diffusers.ScoreSdeVeScheduler, "step_pred", off)
+    _plant_scaled_output(monkeypatch, diffusers.ScoreSdeVeScheduler, "step_pred")
     adapter = DS.SCHEDULERS["ScoreSdeVeScheduler"](diffusers)
     case = DS.run_case(adapter, _config(adapter, 5))
     assert case["verdict"] == "fail" and case["reproducer"]["build"]["call"] == "score-sde-pc:1"
@@ -818,20 +813,12 @@ def test_scm_trigflow_multistep_agrees(steps):
 def test_scm_planted_error_is_caught_and_reproduced(tmp_path, monkeypatch):
     """A step scaled by 1 + 1e-4 is a step finding; the reproducer script (its own set_timesteps arguments, the
     list's final t = 0 not called, the generator's float32 draws) agrees with the unpatched diffusers."""
-    import functools
     import subprocess
     import sys
 
     from refdiff.check.reproducer import write_reproducers
 
-    real = diffusers.SCMScheduler.step
-
-    @functools.wraps(real)
-    def off(self, *a, **kw):
-        out = real(self, *a, **kw)
-        out.prev_sample = out.prev_sample * (1 + 1e-4)
-        return out
-    monkeypatch.setattr(diffusers.SCMScheduler, "step", off)
+    _plant_scaled_output(monkeypatch, diffusers.SCMScheduler)
     adapter = DS.SCHEDULERS["SCMScheduler"](diffusers)
     case = DS.run_case(adapter, _config(adapter, 4))
     assert case["verdict"] == "fail" and case["findings"][0]["kind"] == "step", case["finding"]
@@ -964,19 +951,10 @@ def test_flow_map_euler_lands_on_the_exact_ode_map(steps, monkeypatch):
     """FlowMapEuler with the exact flow map of a Gaussian (the average velocity over [r, t] from
     refdiff.oracles.ConsistencyOracle): every step agrees and the float32 run ends on the PF-ODE solution; a step
     scaled by 1 + 1e-4 is a finding."""
-    import functools
-
     adapter = DS.SCHEDULERS["FlowMapEulerDiscreteScheduler"](diffusers)
     case = DS.run_case(adapter, _config(adapter, steps, beta_schedule="shift 3"))
     assert case["verdict"] == "pass" and case["end_to_end_max_abs"] < 1e-5, case["finding"]
-    real = diffusers.FlowMapEulerDiscreteScheduler.step
-
-    @functools.wraps(real)
-    def off(self, *a, **kw):
-        out = real(self, *a, **kw)
-        out.prev_sample = out.prev_sample * (1 + 1e-4)
-        return out
-    monkeypatch.setattr(diffusers.FlowMapEulerDiscreteScheduler, "step", off)
+    _plant_scaled_output(monkeypatch, diffusers.FlowMapEulerDiscreteScheduler)
     assert DS.run_case(adapter, _config(adapter, steps, beta_schedule="shift 3"))["verdict"] == "fail"
 
 
@@ -984,19 +962,10 @@ def test_flow_map_euler_lands_on_the_exact_ode_map(steps, monkeypatch):
 def test_wuerstchen_ddpm_on_its_clamped_cosine(steps, monkeypatch):
     """DDPMWuerstchen: ancestral DDPM steps between its clamped cosine levels (alpha_bar 1e-4 .. 0.9999), the last
     one the posterior mean, its step() given one timestep per sample; a step scaled by 1 + 1e-4 is a finding."""
-    import functools
-
     adapter = DS.SCHEDULERS["DDPMWuerstchenScheduler"](diffusers)
     case = DS.run_case(adapter, _config(adapter, steps))
     assert case["verdict"] == "pass", case["finding"]
-    real = diffusers.DDPMWuerstchenScheduler.step
-
-    @functools.wraps(real)
-    def off(self, *a, **kw):
-        out = real(self, *a, **kw)
-        out.prev_sample = out.prev_sample * (1 + 1e-4)
-        return out
-    monkeypatch.setattr(diffusers.DDPMWuerstchenScheduler, "step", off)
+    _plant_scaled_output(monkeypatch, diffusers.DDPMWuerstchenScheduler)
     assert DS.run_case(adapter, _config(adapter, steps))["verdict"] == "fail"
 
 
