@@ -291,6 +291,22 @@ class _Adapter:
         return None
 
 
+class _OwnLevels(_Adapter):
+    """A scheduler with levels of its own (EDM sigmas, flow, trigonometric, continuous schedules): no beta table, no
+    spacing axis, every configuration of its grid supported; nothing to pass beyond what an adapter adds."""
+
+    spacings = ("-",)
+
+    def scheduler_config(self, config):
+        return {}
+
+    def supports(self, config):
+        return True
+
+    def table(self, sched):
+        return None
+
+
 class _RecordedStepNoise:
     """A scheduler whose step() draws its own noise (randn_tensor in diffusers' ``module``), possibly more draws than
     the method uses: each call is recorded and the draw the step uses (the last; only where ``_keep``) is replayed for
@@ -959,7 +975,7 @@ class _LMS(_VE):
             _LMSFromGlobalIndex(_numpy(sched.sigmas), begin))}
 
 
-class _EDMEuler(_Churned, _VE):
+class _EDMEuler(_Churned, _OwnLevels, _VE):
     """EDM (Karras et al. 2022): the model is F with D = c_skip x + c_out F and input c_in x; no beta table."""
 
     name = "EDMEulerScheduler"
@@ -967,16 +983,9 @@ class _EDMEuler(_Churned, _VE):
     variants = {"": {}, "churn": {}}
     predictions = ("epsilon", "v_prediction")
     schedules = ("karras", "exponential")
-    spacings = ("-",)
 
     def scheduler_config(self, config):
         return dict(sigma_schedule=config["beta_schedule"], prediction_type=config["prediction_type"])
-
-    def supports(self, config):
-        return True
-
-    def table(self, sched):
-        return None
 
     def grid(self, sched, table):
         return Grid.from_sigmas(sched.sigmas.double().numpy())
@@ -1076,7 +1085,7 @@ class _CosineDPM(_EDMDPM):
         return _DPMSDE.noise_recorder(self, sched, x)
 
 
-class _FlowMatchEuler(_Adapter):
+class _FlowMatchEuler(_OwnLevels):
     """Rectified flow x = (1 - s) x0 + s eps, model v = eps - x0: Euler in s is DDIM on the flow levels."""
 
     name = "FlowMatchEulerDiscreteScheduler"
@@ -1086,7 +1095,6 @@ class _FlowMatchEuler(_Adapter):
     predictions = ("flow",)
     # static shifts (SD3) and dynamic shifting (Flux's exponential time shift at mu, the linear one)
     schedules = ("shift 1", "shift 3", "mu 1.15", "mu 0.8 linear")
-    spacings = ("-",)
 
     @staticmethod
     def _shift(config) -> dict:
@@ -1104,12 +1112,6 @@ class _FlowMatchEuler(_Adapter):
 
     def set_timesteps_kwargs(self, config):
         return {"mu": self._shift(config)["mu"]} if "mu" in self._shift(config) else {}
-
-    def supports(self, config):
-        return True
-
-    def table(self, sched):
-        return None
 
     def grid_findings(self, sched, config, kw, ref):
         """SD3 / Flux grids (refdiff.grids.flow_sigmas): a linspace in time, shifted; computed in float64 from a
@@ -1394,7 +1396,7 @@ class _CMLastNoise(CMMultistep):
         return out, extra
 
 
-class _CM(_Adapter):
+class _CM(_OwnLevels):
     """Consistency models' multistep sampling (Song et al. 2023, Alg. 1; refdiff.samplers.CMMultistep): D = c_skip x
     + c_out F with EDM's boundary scalings (sigma_data 0.5, boundary sigma_min 0.002), then D + sqrt(sigma_next^2 -
     sigma_min^2) z. The model is the exact consistency function of a Gaussian mapping to sigma_min. diffusers'
@@ -1404,7 +1406,6 @@ class _CM(_Adapter):
     space = "ve"
     predictions = ("sample",)                 # the network's raw output F
     schedules = ("karras",)
-    spacings = ("-",)
     SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
     def scheduler_config(self, config):
@@ -1415,9 +1416,6 @@ class _CM(_Adapter):
 
     def make(self, config, variant):
         return self.cls(**config, clip_denoised=False)
-
-    def table(self, sched):
-        return None
 
     def grid(self, sched, table):
         return Grid.from_sigmas(sched.sigmas.double().numpy())
@@ -1461,7 +1459,7 @@ class _CM(_Adapter):
         return float(sched.init_noise_sigma)
 
 
-class _SCM(_RecordedStepNoise, _Adapter):
+class _SCM(_RecordedStepNoise, _OwnLevels):
     """sCM multistep sampling on TrigFlow (Lu & Song 2024; refdiff.samplers.CMMultistep("trigflow")): levels
     x = cos(t) x0 + sin(t) sigma_d z, x0 = cos(s) x - sin(s) F, then cos(t') x0 + sin(t') sigma_d z'. The model is the
     exact consistency function of a Gaussian. The run starts at the float32 just below pi / 2 (t = 1.5707962):
@@ -1472,19 +1470,9 @@ class _SCM(_RecordedStepNoise, _Adapter):
     name = "SCMScheduler"
     predictions = ("trigflow",)
     schedules = ("trigflow",)
-    spacings = ("-",)
     module = "scheduling_scm"
     T_MAX = 1.5707962                      # float32 1.57079625..., just below pi / 2
     INTERMEDIATE = 1.3
-
-    def scheduler_config(self, config):
-        return {}
-
-    def supports(self, config):
-        return True
-
-    def table(self, sched):
-        return None
 
     step_call = "drop-last"                # how the reproducer script drives it
 
@@ -1546,7 +1534,7 @@ class _DDPMMeanLast(DDPM):
         return ctx.x * (a_ts * ratio) + D * (np.asarray(nxt.alpha) * keep), {}
 
 
-class _DDPMWuerstchen(_Adapter):
+class _DDPMWuerstchen(_OwnLevels):
     """Wuerstchen's DDPM: ancestral sampling (fixed_small, eps prediction) on the continuous cosine schedule
     alpha_bar(t) = cos((t + s) / (1 + s) pi / 2)^2 / cos(s / (1 + s) pi / 2)^2 clamped to [1e-4, 0.9999], t from 1 to
     0 in n equal steps (the list holds the final 0, where the pipeline stops). The clamp makes the run start at
@@ -1555,16 +1543,6 @@ class _DDPMWuerstchen(_Adapter):
     name = "DDPMWuerstchenScheduler"
     predictions = ("epsilon",)
     schedules = ("cosine",)
-    spacings = ("-",)
-
-    def scheduler_config(self, config):
-        return {}
-
-    def supports(self, config):
-        return True
-
-    def table(self, sched):
-        return None
 
     def calls(self, sched):
         return list(sched.timesteps[:-1])
@@ -1876,7 +1854,7 @@ class _IPNDMTransfer(Sampler):
         return pred * nxt.alpha + E * nxt.sigma, {"order": k, "eps": ((eps,) + past)[:3]}
 
 
-class _IPNDM(_Adapter):
+class _IPNDM(_OwnLevels):
     """diffusers' IPNDMScheduler: iPNDM on its own trigonometric levels sigma = sin^2(s pi / 2), alpha =
     sqrt(1 - sigma^2) for s = 1 .. 0 in n equal steps (so the first level has alpha = 0), the network read as v
     (ets = sigma x + alpha v is its eps). No beta table, no prediction_type option."""
@@ -1884,16 +1862,6 @@ class _IPNDM(_Adapter):
     name = "IPNDMScheduler"
     predictions = ("v_prediction",)
     schedules = ("trig",)
-    spacings = ("-",)
-
-    def scheduler_config(self, config):
-        return {}
-
-    def supports(self, config):
-        return True
-
-    def table(self, sched):
-        return None
 
     def grid(self, sched, table):
         a, b = sched.alphas.double().numpy(), sched.betas.double().numpy()
@@ -2207,7 +2175,7 @@ class _VEPredictorCorrector(Sampler):
         return x + s * var + ctx.noise() * np.sqrt(var), {}
 
 
-class _ScoreSdeVe(_RecordedStepNoise, _Adapter):
+class _ScoreSdeVe(_RecordedStepNoise, _OwnLevels):
     """diffusers' ScoreSdeVeScheduler (NCSN++ / score_sde's VE sampler): the pipeline's loop, n_corrector
     step_correct calls then one step_pred per timestep, is the adapter's step(); set_timesteps(n) also sets the n
     sigmas, as the pipeline does. The model output is the score; the levels are its discrete sigmas (the ones
@@ -2216,19 +2184,9 @@ class _ScoreSdeVe(_RecordedStepNoise, _Adapter):
     name = "ScoreSdeVeScheduler"
     predictions = ("score",)
     schedules = ("ve",)
-    spacings = ("-",)
     module = "scheduling_sde_ve"
     N_CORRECTOR = 1
     step_call = f"score-sde-pc:{N_CORRECTOR}"      # how the reproducer script drives it
-
-    def scheduler_config(self, config):
-        return {}
-
-    def supports(self, config):
-        return True
-
-    def table(self, sched):
-        return None
 
     def make(self, config, variant):
         sched = self.cls(**config)
