@@ -15,8 +15,9 @@ each level's log-SNR propagated through the step (``lambda_terms``, by finite di
 resynchronised (the target's sample, and state it keeps such as UniPC's corrected sample), so a step is judged on
 its own; end-to-end errors are reported beside. Multi-stage steps are also judged where the target evaluates the
 model: its sample at each later stage against the reference's stage input, under the same rule (the stage's own
-level terms), so an intermediate that only the model sees is not taken on trust. When a step disagrees, the adapter's hypotheses (a known convention
-or bug) are re-run as references; one that reproduces the target under the same rule is the explanation.
+level terms), so an intermediate that only the model sees is not taken on trust. When a step disagrees, the
+adapter's hypotheses (a known convention or bug) are re-run as references; one that reproduces the target under the
+same rule is the explanation.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..solve import sample
 from .findings import Finding, case_verdict
 from .rounding import Bounded, BoundedContext, exact
 
-__all__ = ["R", "run_case", "Hypothesis"]
+__all__ = ["R", "run_case", "Hypothesis", "level_sensitivity", "dt_stage_terms"]
 
 R = 4                               # coefficient roundings per term (see the module docstring)
 
@@ -143,18 +144,17 @@ def _replay(adapter, sched, grid, smp, config, x_T, seed, step_grids=None, same_
         if adapter.lambda_terms:
             lam_out, lam_stages = _lambda_sensitivity(smp, g, st, ctx, outputs, adapter, pred)
             terms = terms + lam_out
-            stage_terms = [a + b for a, b in zip(stage_terms, lam_stages)]
+            stage_terms = [a + (lam_stages[k] if k < len(lam_stages) else 0.0) for k, a in enumerate(stage_terms)]
         bound = R * u * (out.e + terms)
         with np.errstate(invalid="ignore"):
             ratio = float(np.max(np.abs(theirs - out.v) / (bound + 1e-300)))
             # the later stages' inputs: where the target evaluated the model against the reference's stage input
             # (Euler-type stages form sigma_next - sigma in float32: |x - D| per stage before, as formula_terms)
             if not own:
+                dt = dt_stage_terms(ctx.stages) if adapter.dt_terms else [0.0] * len(stage_inputs)
                 for j in range(1, len(stage_inputs)):
                     x_in, at = stage_inputs[j]
-                    dt = sum(np.abs(a.v) + np.abs(a.v - d.v) for a, _, d in ctx.stages[:j]) if adapter.dt_terms \
-                        else 0.0
-                    b = R * u * (x_in.e + stage_terms[j] + dt)
+                    b = R * u * (x_in.e + stage_terms[j] + sum(dt[:j]))
                     ratio = max(ratio, float(np.max(np.abs(at - x_in.v) / (b + 1e-300))))
             ratios.append(ratio)
         refs.append((side.k, np.asarray(out.v, dtype=np.float64), np.broadcast_to(bound, np.shape(out.v)).copy(),
@@ -203,32 +203,46 @@ def perturbed_grids(grid, i):
         yield 2.0 * Lam / (2.0 * delta), grids
 
 
-def _lambda_sensitivity(smp, grid, state, ctx, outputs, adapter, pred):
-    """sum over the levels a step reads of |d out / d lambda_l| Lambda_l (units of u) (``perturbed_grids``), the
-    derivative by a central finite difference of the same paper step (float64, the replayed model outputs and
-    noise)."""
-    i = state.step
-    base = tuple(_unbounded(v) for v in state.history)
-    extra = {k: _unbounded(v) for k, v in state.extra.items()}
-    total, stages = 0.0, [0.0] * len(outputs)
+def level_sensitivity(smp, grid, state, x, outputs, draws, i, to_d):
+    """Sum over the levels step i reads of |d(result)/d lambda_l| Lambda_l (units of u) for the step output and for
+    every stage input (``perturbed_grids``): central differences of the float64 paper step from ``x`` with the
+    replayed model outputs (read as D by ``to_d(x_in, level, output)``) and noise; ``state`` holds float64 values.
+    Returns (output term, [stage input terms]) (an empty list where no level has a finite log-SNR)."""
+    out_total, stage_total = 0.0, None
     for weight, grids in perturbed_grids(grid, i):
-        outs, ins = [], []
+        outs, stages = [], []
         for g in grids:
-            it = iter(outputs)
-            draws = iter(ctx.draws)
-            seen = []
+            it, dr, seen = iter(outputs), iter(draws), []
 
             def denoise(x_in, level, it=it, seen=seen):
                 seen.append(np.asarray(x_in, dtype=np.float64))
-                c_x, c_m = adapter.coeffs(pred, level)
-                return x_in * c_x + next(it) * c_m
-            nctx = NumericContext(ctx.x.v, denoise, lambda: next(draws), base, g)
-            outs.append(smp.step(nctx, g.levels[i], g.levels[i + 1], replace(state, history=base, extra=extra))[0])
-            ins.append(seen)
-        total = total + np.abs(outs[0] - outs[1]) * weight
-        for j in range(min(len(stages), len(ins[0]), len(ins[1]))):
-            stages[j] = stages[j] + np.abs(ins[0][j] - ins[1][j]) * weight
-    return total, stages
+                return to_d(x_in, level, next(it))
+            ctx = NumericContext(x, denoise, lambda dr=dr: next(dr), state.history, g)
+            outs.append(np.asarray(smp.step(ctx, g.levels[i], g.levels[i + 1], state)[0], dtype=np.float64))
+            stages.append(seen)
+        out_total = out_total + np.abs(outs[0] - outs[1]) * weight
+        per = [np.abs(a - b) * weight for a, b in zip(stages[0], stages[1])]
+        stage_total = per if stage_total is None else [s + p for s, p in zip(stage_total, per)]
+    return out_total, stage_total or []
+
+
+def dt_stage_terms(stages) -> list:
+    """Per stage (x, level, D) of an Euler-type update x + d (sigma_next - sigma), the float32 error of the level
+    difference sigma_next - sigma (u sigma) times |d| = |x - D| / sigma: |x| + |x - D| in units of u (the |x| is the
+    stage's own rounding)."""
+    return [np.abs(x.v) + np.abs(x.v - d.v) for x, _, d in stages]
+
+
+def _lambda_sensitivity(smp, grid, state, ctx, outputs, adapter, pred):
+    """``level_sensitivity`` of a replayed step: the outputs read with the adapter's coefficients, from the
+    reference's own (bounded) start and state."""
+    fstate = replace(state, history=tuple(_unbounded(v) for v in state.history),
+                     extra={k: _unbounded(v) for k, v in state.extra.items()})
+
+    def to_d(x_in, level, m):
+        c_x, c_m = adapter.coeffs(pred, level)
+        return x_in * c_x + m * c_m
+    return level_sensitivity(smp, grid, fstate, ctx.x.v, outputs, ctx.draws, state.step, to_d)
 
 
 def _unbounded(v):

@@ -32,7 +32,7 @@ from ..samplers import Grid
 from ..samplers.base import NumericContext, State
 from ..samplers.karras import _ancestral
 from .findings import Finding
-from .replay import R, _unbounded, perturbed_grids
+from .replay import R, _unbounded, dt_stage_terms, level_sensitivity
 from .rounding import Bounded, BoundedContext, exact
 
 __all__ = ["Trace", "Call", "judge", "Judgement", "Reading"]
@@ -135,28 +135,6 @@ def _ratio(a, b, bound):
         return float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / (np.asarray(bound) + 1e-300)))
 
 
-def _sensitivity(smp, grid, state, x, outputs, draws, i, reading):
-    """Sum over the levels step i reads of |d(result)/d lambda_l| Lambda_l (units of u) for the step output and
-    every stage input (refdiff.check.replay.perturbed_grids); central differences of the float64 paper step with
-    the replayed model outputs and noise."""
-    out_total, stage_total = 0.0, None
-    for weight, grids in perturbed_grids(grid, i):
-        outs, stages = [], []
-        for g in grids:
-            it, dr, seen = iter(outputs), iter(draws), []
-
-            def denoise(x_in, level):
-                seen.append(np.asarray(x_in, dtype=np.float64))
-                return _d(reading, x_in, level, next(it))
-            ctx = NumericContext(x, denoise, lambda: next(dr), state.history, g)
-            outs.append(np.asarray(smp.step(ctx, g.levels[i], g.levels[i + 1], state)[0], dtype=np.float64))
-            stages.append(seen)
-        out_total = out_total + np.abs(outs[0] - outs[1]) * weight
-        per = [np.abs(a - b) * weight for a, b in zip(stages[0], stages[1])]
-        stage_total = per if stage_total is None else [s + p for s, p in zip(stage_total, per)]
-    return out_total, stage_total or []
-
-
 def _terms(smp, grid, state, x, outputs, draws, i, reading):
     """The affine step split into its terms: {name: contribution} (start sample, each model output of this step,
     each history output, each noise draw); they sum to the step (the model outputs are replayed values)."""
@@ -244,8 +222,9 @@ def judge(trace: Trace, smp, grid: Grid, u: float, dt_terms: bool = True, readin
             out, extra = smp.step(ctx, cur, nxt, state)
             x_start = np.asarray(xb.v, dtype=np.float64)
             fstate = replace(state, history=_unbounded(state.history), extra=_unbounded(state.extra))
-            sens_out, sens_stage = _sensitivity(smp, grid, fstate, x_start, outputs, step_draws, i, reading)
-            dt = [np.abs(x.v) + np.abs(x.v - d.v) for x, _, d in ctx.stages] if dt_terms else []
+            sens_out, sens_stage = level_sensitivity(smp, grid, fstate, x_start, outputs, step_draws, i,
+                                                     lambda x_in, level, m: _d(reading, x_in, level, m))
+            dt = dt_stage_terms(ctx.stages) if dt_terms else []
             # the model calls of this step: level and sample
             lb = _level_bound([cur, nxt], u)
             lb_derived = _level_bound([cur, nxt], u, float(getattr(smp, "eta", 0.0) or 0.0))

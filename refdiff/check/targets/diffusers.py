@@ -30,7 +30,7 @@ from ...samplers.consistency import boundary_scalings
 from ...samplers.karras import _ancestral
 from .. import tables as TB
 from ..findings import Finding
-from ..replay import R, Hypothesis, run_case
+from ..replay import R, Hypothesis, dt_stage_terms, run_case
 from ..rounding import exact
 
 __all__ = ["SCHEDULERS", "UNMAPPED", "R", "run_case", "default_cases", "ProtocolAdapter", "PROTOCOL_SAMPLERS",
@@ -191,7 +191,7 @@ class _Adapter:
         cancel. Euler-type updates x + d (sigma_next - sigma): dt has error u sigma, i.e. u |x - D| per stage."""
         if not self.dt_terms:
             return 0.0
-        return sum(np.abs(u.v) + np.abs(u.v - d.v) for u, _, d in ctx.stages)
+        return sum(dt_stage_terms(ctx.stages))
 
     def step_starts(self, ts):
         """The timesteps at which steps start (two-stage schedulers list the inner ones twice by design)."""
@@ -865,7 +865,7 @@ class _KDPM2A(_VE):
         cancels when sigma_up ~ sigma_next, relative error kappa u with kappa = (sigma_next / sigma_down)^2; the
         step moves by d_2 (sigma_down - sigma) and evaluates at sigma_mid = sqrt(sigma sigma_down) (half of it).
         Plus the Euler-type |x - D| per stage (dt_terms)."""
-        base = sum(np.abs(u.v) + np.abs(u.v - d.v) for u, _, d in ctx.stages)
+        base = sum(dt_stage_terms(ctx.stages))
         if nxt.is_data or len(ctx.stages) < 2:
             return base
         s, sn = float(np.mean(cur.sigma_ve)), float(np.mean(nxt.sigma_ve))
