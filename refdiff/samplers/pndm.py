@@ -24,11 +24,19 @@ from ..schedules import ContinuousSchedule, DiscreteSchedule
 from .base import Level, Sampler, State
 from .karras import _from_ve, _ve
 
-__all__ = ["PNDM", "IPNDM", "AB_WEIGHTS", "PNDM_VARIANTS"]
+__all__ = ["PNDM", "IPNDM", "AB_WEIGHTS", "PNDM_VARIANTS", "adams_bashforth"]
 
 AB_WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 PNDM_VARIANTS = ("plms", "prk")
 PRK_STEPS = 3                 # F-PNDM's pseudo Runge-Kutta warm-up steps
+
+
+def adams_bashforth(newest, past, weights):
+    """sum_j w_j f_j over the newest value and the past ones (newest first), the weights' count of them."""
+    out = newest * weights[0]
+    for w, f in zip(weights[1:], past):
+        out = out + f * w
+    return out
 
 
 def _transfer(x, eps, cur: Level, nxt: Level):
@@ -90,10 +98,7 @@ class PNDM(Sampler):
             e2 = self._eps(ctx, _transfer(x, eps, cur, nxt), nxt)
             return _transfer(x, (eps + e2) * 0.5, cur, nxt), {"order": 2, "eps": (eps,)}
         k = min(len(past) + 1, 4)
-        w = AB_WEIGHTS[k]
-        combo = eps * w[0]
-        for wj, e in zip(w[1:], past):
-            combo = combo + e * wj
+        combo = adams_bashforth(eps, past, AB_WEIGHTS[k])
         return _transfer(x, combo, cur, nxt), {"order": k, "eps": (eps,) + past[:2]}
 
 
@@ -128,10 +133,7 @@ class IPNDM(Sampler):
         sig = (s,) + tuple(state.extra.get("sigmas", ()))
         keep = {"d": ((d,) + past)[:self.max_order - 1], "sigmas": sig[:self.max_order]}
         k = min(self.max_order, len(past) + 1)
-        w = self._weights(k, sig, sn) if self.variable else AB_WEIGHTS[k]
-        slope = d * w[0]
-        for wj, dj in zip(w[1:], past):
-            slope = slope + dj * wj
+        slope = adams_bashforth(d, past, self._weights(k, sig, sn) if self.variable else AB_WEIGHTS[k])
         return _from_ve(x + slope * (sn - s), nxt), {"order": k, **keep}
 
     @staticmethod

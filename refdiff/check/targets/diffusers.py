@@ -25,7 +25,7 @@ from ...samplers import (CMMultistep, Churn, DDIM, DDPM, DEIS, DPM2, DPM2Ancestr
 from ...samplers.base import Sampler, State
 from ...samplers.ddim import _posterior_keep
 from ...samplers.dpm_solver import multistep_order
-from ...samplers.pndm import AB_WEIGHTS
+from ...samplers.pndm import AB_WEIGHTS, adams_bashforth
 from ...samplers.consistency import boundary_scalings
 from ...samplers.karras import _ancestral
 from .. import tables as TB
@@ -1841,10 +1841,7 @@ class _IPNDMTransfer(Sampler):
         eps = (x - D * cur.alpha) * (1.0 / np.asarray(cur.sigma))
         past = tuple(state.extra.get("eps", ()))
         k = min(4, len(past) + 1)
-        w = AB_WEIGHTS[k]
-        E = eps * w[0]
-        for wj, ej in zip(w[1:], past):
-            E = E + ej * wj
+        E = adams_bashforth(eps, past, AB_WEIGHTS[k])
         if np.all(np.asarray(cur.alpha) == 0.0):
             if k != 1:
                 raise ValueError("alpha = 0 is only defined at the first level")
@@ -1921,10 +1918,7 @@ class _PLMSDiffusers(Sampler):
             start = self.heun_from
             return _transfer(x, self._eps((m + m2) * 0.5, x, start), start, nxt), {"order": 2, "m": (m,)}
         k = min(len(past) + 1, 4)
-        w = AB_WEIGHTS[k]
-        combo = m * w[0]
-        for wj, e in zip(w[1:], past):
-            combo = combo + e * wj
+        combo = adams_bashforth(m, past, AB_WEIGHTS[k])
         return _transfer(x, self._eps(combo, x, cur), cur, self.targets[i]), {"order": k, "m": (m,) + past[:2]}
 
 
